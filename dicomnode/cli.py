@@ -1,0 +1,136 @@
+"""The ``dicomnode`` command: wiring only; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicomnode import __version__
+from dicomnode.config import DEFAULT_CONFIG_PATH, Settings, load_settings
+from dicomnode.errors import ConfigError, DicomNodeError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        metavar="PATH",
+        help="configuration file (default: ./config.toml)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="dicomnode",
+        description="DICOM AI node for chest X-ray and chest CT.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser(
+        "serve", parents=[common], help="receive studies (foreground; stop with SIGTERM)"
+    )
+
+    status = sub.add_parser("status", parents=[common], help="recent studies and their state")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--limit", type=int, default=50, help="how many studies (default 50)")
+
+    config = sub.add_parser("config", parents=[common], help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    config_sub.add_parser(
+        "check", parents=[common], help="validate the configuration and explain every mistake"
+    )
+
+    db = sub.add_parser("db", parents=[common], help="database tools")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("upgrade", parents=[common], help="apply database migrations")
+    return parser
+
+
+def _cmd_config_check(settings: Settings) -> int:
+    print(f"{settings.source}: OK")
+    print(f"  node {settings.node.ae_title} on {settings.node.bind}:{settings.node.port}")
+    print(f"  data in {settings.node.data_dir}")
+    print(f"  database {settings.database.url.split('://', 1)[0]}")
+    callers = ", ".join(
+        c.ae_title + (f"@{c.host}" if c.host else "") for c in settings.receive.callers
+    )
+    print(
+        f"  callers: {callers or 'none'}"
+        + ("; unknown callers allowed" if settings.receive.allow_unknown_callers else "")
+    )
+    for d in settings.destinations:
+        print(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}")
+    return EXIT_OK
+
+
+def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
+    from dicomnode.db import Database
+    from dicomnode.index import recent_studies
+
+    db = Database(settings.database.url)
+    db.migrate()
+    studies = recent_studies(db, limit=limit)
+    if as_json:
+        json.dump({"studies": [s.as_json() for s in studies]}, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    if not studies:
+        print("no studies received yet")
+        return EXIT_OK
+    print(f"{'STATE':<10} {'INST':>5} {'MOD':<8} {'LAST RECEIVED (UTC)':<20} STUDY INSTANCE UID")
+    for s in studies:
+        print(
+            f"{s.state:<10} {s.instances:>5} {','.join(s.modalities):<8} "
+            f"{s.last_received_at:%Y-%m-%d %H:%M:%S}  {s.study_instance_uid}"
+            + (f"  ({s.reason})" if s.reason else "")
+        )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``dicomnode`` command and return its exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"dicomnode: {args.config}: configuration is invalid:", file=sys.stderr)
+        for path, message in exc.problems:
+            print(f"  {path}: {message}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.command == "config":
+            return _cmd_config_check(settings)
+        if args.command == "status":
+            return _cmd_status(settings, args.json, args.limit)
+        if args.command == "db":
+            from dicomnode.db import Database
+
+            Database(settings.database.url).migrate()
+            print("database is at the newest schema")
+            return EXIT_OK
+        if args.command == "serve":
+            from dicomnode.serve import serve
+
+            return serve(settings)
+    except DicomNodeError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

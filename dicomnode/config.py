@@ -1,0 +1,432 @@
+"""Configuration: ``config.toml`` becomes frozen, validated settings.
+
+Every mistake is reported with its key path and the bad value, all of them at
+once, so ``dicomnode config check`` can explain a broken file in one go and the
+node refuses to start on it.
+
+Relative paths in the file (``node.data_dir``) are relative to the directory of
+the configuration file, not to the working directory, so a service manager can
+start the node from anywhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomnode.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config.toml")
+
+#: AE titles: 1-16 characters of the Default Character Repertoire, no backslash,
+#: no control characters, not all spaces (PS3.5 Table 6.2-1, VR AE).
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+#: Modalities for which a quiet period may be configured; "default" covers the rest.
+KNOWN_MODALITIES = ("CR", "DX", "CT", "OT", "default")
+LATE_INSTANCE_POLICIES = ("reprocess", "ignore")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """``[node]``: who the node is on the network and where it keeps its data."""
+
+    ae_title: str = "DICOMNODE"
+    port: int = 11112
+    bind: str = "127.0.0.1"
+    data_dir: Path = Path("data")
+    log_level: str = "INFO"
+    log_phi: bool = False
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """``[database]``: the index and queue database (SQLAlchemy URL)."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """``[storage]``: instance files under ``<data_dir>/instances``."""
+
+    min_free_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class CallerSettings:
+    """One ``[[receive.callers]]`` entry: a peer allowed to open associations."""
+
+    ae_title: str
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class ReceiveSettings:
+    """``[receive]``: the C-STORE SCP."""
+
+    allow_unknown_callers: bool = False
+    callers: tuple[CallerSettings, ...] = ()
+    processes: int = 1
+    max_associations: int = 16
+    max_pdu_size: int = 65536
+    network_timeout_s: float = 60.0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class CompletionSettings:
+    """``[completion]``: when a study counts as complete."""
+
+    quiet_period_s: Mapping[str, float] = field(
+        default_factory=lambda: {"CR": 10.0, "DX": 10.0, "CT": 60.0, "OT": 10.0, "default": 30.0}
+    )
+    force_complete_s: float = 3600.0
+    check_interval_s: float = 1.0
+    late_instance_policy: str = "reprocess"
+
+    def quiet_period_for(self, modality: str | None) -> float:
+        """Return the quiet period in seconds for ``modality`` (``default`` when unknown)."""
+        if modality and modality in self.quiet_period_s:
+            return self.quiet_period_s[modality]
+        return self.quiet_period_s["default"]
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    """One ``[[destinations]]`` entry: a PACS the results are sent to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration."""
+
+    source: Path | None
+    node: NodeSettings
+    database: DatabaseSettings
+    storage: StorageSettings
+    receive: ReceiveSettings
+    completion: CompletionSettings
+    destinations: tuple[DestinationSettings, ...]
+
+    @property
+    def instances_dir(self) -> Path:
+        """Root directory of the stored instance files."""
+        return self.node.data_dir / "instances"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Directory for files still being received (same file system as ``instances_dir``)."""
+        return self.node.data_dir / "incoming"
+
+
+class _Reader:
+    """Pulls typed values out of one TOML table, recording problems by key path."""
+
+    def __init__(self, table: Mapping[str, Any], path: str, problems: list[tuple[str, str]]):
+        self.table = table
+        self.path = path
+        self.problems = problems
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append((self.key(name), message))
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; never accept it where a number is wanted.
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        elif float in kinds and isinstance(value, int):
+            ok = True
+            value = float(value)
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            wanted = " or ".join(_type_name(k) for k in kinds)
+            self.problem(name, f"must be {wanted}, got {value!r}")
+            return default
+        return value
+
+    def number(
+        self, name: str, kind: type, default: Any, minimum: float, maximum: float | None = None
+    ) -> Any:
+        value = self.get(name, kind, default)
+        if value is default:
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            self.problem(name, f"must be {bound}, got {value!r}")
+            return default
+        return value
+
+    def ae_title(self, name: str, default: str | None) -> str | None:
+        value = self.get(name, str, default)
+        if value is default:
+            if value is None:
+                self.problem(name, "is required (an AE title of 1 to 16 characters)")
+            return value
+        if not _AE_TITLE_RE.match(value) or not value.strip():
+            self.problem(
+                name,
+                f"must be an AE title of 1 to 16 printable ASCII characters without "
+                f"backslash, got {value!r}",
+            )
+            return default
+        return value.strip()
+
+    def host(self, name: str, default: str | None, required: bool) -> str | None:
+        value = self.get(name, str, default)
+        if value is None:
+            if required:
+                self.problem(name, "is required (an IP address or host name)")
+            return None
+        if not value or any(c.isspace() for c in value) or len(value) > 253:
+            self.problem(name, f"must be an IP address or host name, got {value!r}")
+            return default
+        return value
+
+    def check_unknown(self) -> None:
+        for name in self.table:
+            if name not in self.seen:
+                self.problem(name, "is not a known setting (check the spelling)")
+
+
+def _type_name(kind: type) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }.get(kind, kind.__name__)
+
+
+def _table(parent: _Reader, name: str) -> Mapping[str, Any]:
+    value = parent.get(name, dict, {})
+    return value if isinstance(value, dict) else {}
+
+
+def _tables(parent: _Reader, name: str) -> list[tuple[int, Mapping[str, Any]]]:
+    value = parent.get(name, list, [])
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            parent.problems.append(
+                (f"{parent.key(name)}[{i}]", f"must be a table ([[{name}]]), got {item!r}")
+            )
+            continue
+        out.append((i, item))
+    return out
+
+
+def _parse_node(root: _Reader, base_dir: Path) -> NodeSettings:
+    r = _Reader(_table(root, "node"), "node", root.problems)
+    d = NodeSettings()
+    bind = r.get("bind", str, d.bind)
+    if bind != d.bind:
+        try:
+            ipaddress.ip_address(bind)
+        except ValueError:
+            if bind not in ("", "localhost"):
+                r.problem("bind", f"must be an IP address to listen on, got {bind!r}")
+                bind = d.bind
+    data_dir_raw = r.get("data_dir", str, str(d.data_dir))
+    if not data_dir_raw:
+        r.problem("data_dir", "must not be empty")
+        data_dir_raw = str(d.data_dir)
+    data_dir = Path(data_dir_raw).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = base_dir / data_dir
+    level = r.get("log_level", str, d.log_level)
+    if level.upper() not in LOG_LEVELS:
+        r.problem("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        level = d.log_level
+    node = NodeSettings(
+        ae_title=r.ae_title("ae_title", d.ae_title) or d.ae_title,
+        port=r.number("port", int, d.port, 1, 65535),
+        bind=bind,
+        data_dir=data_dir.resolve(),
+        log_level=level.upper(),
+        log_phi=r.get("log_phi", bool, d.log_phi),
+    )
+    r.check_unknown()
+    return node
+
+
+def _parse_database(root: _Reader, data_dir: Path) -> DatabaseSettings:
+    r = _Reader(_table(root, "database"), "database", root.problems)
+    url = r.get("url", str, "")
+    r.check_unknown()
+    if not url:
+        return DatabaseSettings(url=f"sqlite:///{data_dir / 'dicomnode.db'}")
+    scheme = url.split(":", 1)[0]
+    if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
+        r.problem(
+            "url",
+            f"must be a sqlite:/// or postgresql+psycopg:// SQLAlchemy URL, got {url!r}",
+        )
+    if scheme == "postgresql" or scheme.startswith("postgresql+psycopg2"):
+        # We ship psycopg 3; make the plain scheme use it.
+        url = "postgresql+psycopg" + url[len(scheme) :]
+    return DatabaseSettings(url=url)
+
+
+def _parse_storage(root: _Reader) -> StorageSettings:
+    r = _Reader(_table(root, "storage"), "storage", root.problems)
+    d = StorageSettings()
+    s = StorageSettings(min_free_mb=r.number("min_free_mb", int, d.min_free_mb, 0))
+    r.check_unknown()
+    return s
+
+
+def _parse_receive(root: _Reader) -> ReceiveSettings:
+    r = _Reader(_table(root, "receive"), "receive", root.problems)
+    d = ReceiveSettings()
+    callers = []
+    for i, item in _tables(r, "callers"):
+        c = _Reader(item, f"receive.callers[{i}]", root.problems)
+        title = c.ae_title("ae_title", None)
+        host = c.host("host", None, required=False)
+        c.check_unknown()
+        if title:
+            callers.append(CallerSettings(ae_title=title, host=host))
+    s = ReceiveSettings(
+        allow_unknown_callers=r.get("allow_unknown_callers", bool, d.allow_unknown_callers),
+        callers=tuple(callers),
+        processes=r.number("processes", int, d.processes, 1, 64),
+        max_associations=r.number("max_associations", int, d.max_associations, 1, 1000),
+        # PS3.8: 0 means unlimited, which we refuse; pynetdicom needs at least 4096.
+        max_pdu_size=r.number("max_pdu_size", int, d.max_pdu_size, 4096, 2**31 - 1),
+        network_timeout_s=r.number("network_timeout_s", float, d.network_timeout_s, 1),
+        acse_timeout_s=r.number("acse_timeout_s", float, d.acse_timeout_s, 1),
+        dimse_timeout_s=r.number("dimse_timeout_s", float, d.dimse_timeout_s, 1),
+        shutdown_grace_s=r.number("shutdown_grace_s", float, d.shutdown_grace_s, 0),
+    )
+    r.check_unknown()
+    if not s.allow_unknown_callers and not s.callers:
+        root.problems.append(
+            (
+                "receive.callers",
+                "is empty while receive.allow_unknown_callers is false: no peer could send",
+            )
+        )
+    return s
+
+
+def _parse_completion(root: _Reader) -> CompletionSettings:
+    r = _Reader(_table(root, "completion"), "completion", root.problems)
+    d = CompletionSettings()
+    quiet = dict(d.quiet_period_s)
+    q = _Reader(_table(r, "quiet_period_s"), "completion.quiet_period_s", root.problems)
+    for name in list(q.table):
+        if name not in KNOWN_MODALITIES and not re.fullmatch(r"[A-Z]{2,16}", name):
+            q.problem(name, "must be a DICOM Modality code (e.g. CR, DX, CT) or 'default'")
+            q.seen.add(name)
+            continue
+        quiet[name] = q.number(name, float, quiet.get(name, quiet["default"]), 0)
+    policy = r.get("late_instance_policy", str, d.late_instance_policy)
+    if policy not in LATE_INSTANCE_POLICIES:
+        r.problem(
+            "late_instance_policy",
+            f"must be one of {', '.join(LATE_INSTANCE_POLICIES)}, got {policy!r}",
+        )
+        policy = d.late_instance_policy
+    s = CompletionSettings(
+        quiet_period_s=quiet,
+        force_complete_s=r.number("force_complete_s", float, d.force_complete_s, 1),
+        check_interval_s=r.number("check_interval_s", float, d.check_interval_s, 0.05, 3600),
+        late_instance_policy=policy,
+    )
+    r.check_unknown()
+    if s.force_complete_s < max(quiet.values()):
+        root.problems.append(
+            (
+                "completion.force_complete_s",
+                f"must not be shorter than the longest quiet period ({max(quiet.values())} s), "
+                f"got {s.force_complete_s!r}",
+            )
+        )
+    return s
+
+
+def _parse_destinations(root: _Reader) -> tuple[DestinationSettings, ...]:
+    out: list[DestinationSettings] = []
+    names: set[str] = set()
+    for i, item in _tables(root, "destinations"):
+        r = _Reader(item, f"destinations[{i}]", root.problems)
+        name = r.get("name", str, None)
+        if name is None:
+            r.problem("name", "is required (a short name such as 'pacs')")
+        elif not _NAME_RE.match(name):
+            r.problem("name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
+        elif name in names:
+            r.problem("name", f"is used by another destination, got {name!r}")
+        title = r.ae_title("ae_title", None)
+        host = r.host("host", None, required=True)
+        port = r.number("port", int, None, 1, 65535)
+        if port is None and "port" not in item:
+            r.problem("port", "is required (the peer's DICOM port)")
+        r.check_unknown()
+        if name and title and host and port:
+            names.add(name)
+            out.append(DestinationSettings(name=name, ae_title=title, host=host, port=port))
+    return tuple(out)
+
+
+def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Settings:
+    """Validate a parsed TOML document; raise :class:`ConfigError` listing every problem."""
+    problems: list[tuple[str, str]] = []
+    root = _Reader(data, "", problems)
+    node = _parse_node(root, base_dir)
+    settings = Settings(
+        source=source,
+        node=node,
+        database=_parse_database(root, node.data_dir),
+        storage=_parse_storage(root),
+        receive=_parse_receive(root),
+        completion=_parse_completion(root),
+        destinations=_parse_destinations(root),
+    )
+    root.check_unknown()
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def load_settings(path: Path | str = DEFAULT_CONFIG_PATH) -> Settings:
+    """Read and validate the configuration file at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([(str(path), "file not found")]) from None
+    except OSError as exc:
+        raise ConfigError([(str(path), f"cannot be read: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(str(path), f"is not valid TOML: {exc}")]) from None
+    return parse_settings(data, base_dir=path.resolve().parent, source=path.resolve())

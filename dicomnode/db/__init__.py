@@ -1,0 +1,6 @@
+"""The index and queue database: models, engine and sessions, migrations."""
+
+from dicomnode.db.database import Database
+from dicomnode.db.models import Base, Instance, Series, Study, StudyState, utcnow
+
+__all__ = ["Base", "Database", "Instance", "Series", "Study", "StudyState", "utcnow"]

@@ -1,0 +1,265 @@
+"""The study index: what was received, recorded in the database.
+
+:func:`record_instance` is the only writer of study, series and instance rows on
+the receive path. It runs in one transaction, so an instance is either fully
+indexed (with its study's completion deadlines moved) or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from dicomnode.config import CompletionSettings
+from dicomnode.db import Database, Instance, Series, Study, StudyState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """The few attributes of a received instance that the index keeps (DICOM keywords)."""
+
+    StudyInstanceUID: str
+    SeriesInstanceUID: str
+    SOPInstanceUID: str
+    SOPClassUID: str
+    TransferSyntaxUID: str
+    Modality: str | None = None
+    BodyPartExamined: str | None = None
+    ViewPosition: str | None = None
+    ImageType: str | None = None
+    PhotometricInterpretation: str | None = None
+    Rows: int | None = None
+    Columns: int | None = None
+    NumberOfFrames: int | None = None
+    InstanceNumber: int | None = None
+    SeriesDescription: str | None = None
+    SeriesNumber: int | None = None
+    PatientID: str | None = None
+    AccessionNumber: str | None = None
+    StudyDate: str | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who sent an instance and what it became on disk."""
+
+    calling_ae_title: str | None
+    peer_host: str | None
+    relative_path: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """What :func:`record_instance` did."""
+
+    duplicate: bool
+    """The SOP Instance was already indexed; its row now points at the new file."""
+    study_state: str
+    reopened: bool
+    """A late instance re-opened a completed study (``late_instance_policy = reprocess``)."""
+    superseded_path: str | None = None
+    """A previous file of this SOP Instance at another path, to delete after commit."""
+
+
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any], key: str) -> None:
+    """INSERT the row unless one with the same unique ``key`` exists (race-free)."""
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+
+
+def record_instance(
+    db: Database,
+    meta: InstanceMeta,
+    provenance: Provenance,
+    completion: CompletionSettings,
+    now: datetime,
+) -> RecordOutcome:
+    """Index one stored instance and move its study's completion deadlines."""
+    quiet = timedelta(seconds=completion.quiet_period_for(meta.Modality))
+    force = timedelta(seconds=completion.force_complete_s)
+    with db.write() as session:
+        _insert_ignore(
+            session,
+            Study,
+            {
+                "study_instance_uid": meta.StudyInstanceUID,
+                "patient_id": meta.PatientID,
+                "accession_number": meta.AccessionNumber,
+                "study_date": meta.StudyDate,
+                "state": StudyState.RECEIVING,
+                "first_received_at": now,
+                "last_received_at": now,
+                "quiet_until": now + quiet,
+                "force_complete_at": now + force,
+                "reopened_count": 0,
+            },
+            "study_instance_uid",
+        )
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == meta.StudyInstanceUID).with_for_update()
+        ).one()
+        _insert_ignore(
+            session,
+            Series,
+            {
+                "study_id": study.id,
+                "series_instance_uid": meta.SeriesInstanceUID,
+                "modality": meta.Modality,
+                "body_part_examined": meta.BodyPartExamined,
+                "series_description": meta.SeriesDescription,
+                "series_number": meta.SeriesNumber,
+            },
+            "series_instance_uid",
+        )
+        series = session.scalars(
+            select(Series).where(Series.series_instance_uid == meta.SeriesInstanceUID)
+        ).one()
+        existing = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == meta.SOPInstanceUID)
+        ).one_or_none()
+
+        fields = {
+            "series_id": series.id,
+            "study_id": study.id,
+            "sop_class_uid": meta.SOPClassUID,
+            "transfer_syntax_uid": meta.TransferSyntaxUID,
+            "instance_number": meta.InstanceNumber,
+            "modality": meta.Modality,
+            "body_part_examined": meta.BodyPartExamined,
+            "view_position": meta.ViewPosition,
+            "image_type": meta.ImageType,
+            "photometric_interpretation": meta.PhotometricInterpretation,
+            "rows": meta.Rows,
+            "columns": meta.Columns,
+            "number_of_frames": meta.NumberOfFrames,
+            "calling_ae_title": provenance.calling_ae_title,
+            "peer_host": provenance.peer_host,
+            "received_at": now,
+            "size_bytes": provenance.size_bytes,
+            "path": provenance.relative_path,
+        }
+        superseded = None
+        if existing is None:
+            session.add(Instance(sop_instance_uid=meta.SOPInstanceUID, times_received=1, **fields))
+        else:
+            if existing.path != provenance.relative_path:
+                superseded = existing.path
+            for name, value in fields.items():
+                setattr(existing, name, value)
+            existing.times_received += 1
+
+        reopened = False
+        if study.state == StudyState.RECEIVING:
+            study.quiet_until = max(study.quiet_until, now + quiet)
+        elif existing is None and completion.late_instance_policy == "reprocess":
+            reopened = True
+            study.state = StudyState.RECEIVING
+            study.completed_at = None
+            study.completion_reason = None
+            study.reopened_count += 1
+            study.quiet_until = now + quiet
+            study.force_complete_at = now + force
+        study.last_received_at = now
+        state = study.state
+
+    if reopened:
+        log.info("late instance re-opened completed study %s", meta.StudyInstanceUID)
+    elif existing is None and state != StudyState.RECEIVING:
+        log.info(
+            "late instance stored in study %s, left %s (late_instance_policy = ignore)",
+            meta.StudyInstanceUID,
+            state,
+        )
+    return RecordOutcome(
+        duplicate=existing is not None,
+        study_state=state,
+        reopened=reopened,
+        superseded_path=superseded,
+    )
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """One line of ``dicomnode status``."""
+
+    study_instance_uid: str
+    state: str
+    instances: int
+    series: int
+    modalities: list[str]
+    first_received_at: datetime
+    last_received_at: datetime
+    completed_at: datetime | None
+    completion_reason: str | None
+    reason: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready mapping; times as ISO 8601 UTC."""
+        out: dict[str, Any] = {
+            "study_instance_uid": self.study_instance_uid,
+            "state": self.state,
+            "instances": self.instances,
+            "series": self.series,
+            "modalities": self.modalities,
+            "first_received_at": self.first_received_at.isoformat(),
+            "last_received_at": self.last_received_at.isoformat(),
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+            "completion_reason": self.completion_reason,
+        }
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
+
+
+def recent_studies(db: Database, limit: int = 50) -> list[StudySummary]:
+    """The most recently received studies with their instance counts."""
+    with db.read() as session:
+        counts = (
+            select(
+                Instance.study_id,
+                func.count(Instance.id).label("instances"),
+                func.count(func.distinct(Instance.series_id)).label("series"),
+            )
+            .group_by(Instance.study_id)
+            .subquery()
+        )
+        rows = session.execute(
+            select(Study, counts.c.instances, counts.c.series)
+            .outerjoin(counts, counts.c.study_id == Study.id)
+            .order_by(Study.last_received_at.desc(), Study.id.desc())
+            .limit(limit)
+        ).all()
+        modalities: dict[int, set[str]] = {}
+        study_ids = [study.id for study, _, _ in rows]
+        if study_ids:
+            for study_id, modality in session.execute(
+                select(Series.study_id, Series.modality).where(Series.study_id.in_(study_ids))
+            ):
+                if modality:
+                    modalities.setdefault(study_id, set()).add(modality)
+        return [
+            StudySummary(
+                study_instance_uid=study.study_instance_uid,
+                state=study.state,
+                instances=n_instances or 0,
+                series=n_series or 0,
+                modalities=sorted(modalities.get(study.id, ())),
+                first_received_at=study.first_received_at,
+                last_received_at=study.last_received_at,
+                completed_at=study.completed_at,
+                completion_reason=study.completion_reason,
+                reason=study.reason,
+            )
+            for study, n_instances, n_series in rows
+        ]

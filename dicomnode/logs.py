@@ -1,0 +1,29 @@
+"""Logging set-up shared by every dicomnode process.
+
+By default nothing the node logs carries patient names or IDs: our own messages
+name studies by UID only, and pynetdicom's identifier logging is switched off
+(:func:`dicomnode.receive.server.configure_pynetdicom`). ``node.log_phi = true``
+lets an admin debugging a site add PatientID to the receive log lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+_FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send log records to standard error in one plain format."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # pynetdicom logs each association at INFO; keep it to warnings unless debugging.
+    quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for noisy in ("pynetdicom", "alembic", "apscheduler"):
+        logging.getLogger(noisy).setLevel(quiet)

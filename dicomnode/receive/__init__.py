@@ -1,0 +1,1 @@
+"""The DICOM receiver: a pynetdicom AE (contexts, limits) and its event handlers."""

@@ -1,0 +1,134 @@
+"""The receiving Application Entity: contexts, limits, and a graceful stop.
+
+Several receiver processes can listen on the same port (``receive.processes``):
+each binds with ``SO_REUSEPORT`` and the kernel spreads incoming associations
+across them, which sidesteps the GIL and pynetdicom's per-association polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import tempfile
+import threading
+import time
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode.config import Settings
+from dicomnode.db import Database
+from dicomnode.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from dicomnode.receive.handlers import (
+    ReceiveContext,
+    handle_echo,
+    handle_requested,
+    handle_store,
+)
+from dicomnode.storage import InstanceStore
+
+log = logging.getLogger("dicomnode.receive")
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings the receiver relies on."""
+    # Received datasets go straight to a file: memory stays flat and nothing is re-encoded.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom's standard handlers log every PDU and identifier; they cost time and
+    # could put patient data in the logs.
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+class ReusePortAssociationServer(ThreadedAssociationServer):
+    """A threaded association server whose socket may be shared by several processes."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def build_ae(settings: Settings, processes: int = 1) -> AE:
+    """The node's AE with every supported context and the configured limits.
+
+    ``maximum_associations`` is per process, so the configured total is divided
+    among ``processes``.
+    """
+    receive = settings.receive
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.maximum_associations = max(1, math.ceil(receive.max_associations / processes))
+    ae.maximum_pdu_size = receive.max_pdu_size
+    ae.network_timeout = receive.network_timeout_s
+    ae.acse_timeout = receive.acse_timeout_s
+    ae.dimse_timeout = receive.dimse_timeout_s
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_SOP_CLASSES.values():
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    return ae
+
+
+class Receiver:
+    """One listening AE in this process."""
+
+    def __init__(self, settings: Settings, db: Database, store: InstanceStore, processes: int):
+        configure_pynetdicom()
+        # pynetdicom creates its chunked temporary files in tempfile's directory:
+        # put them next to the storage root so the final rename is atomic.
+        store.prepare()
+        tempfile.tempdir = str(store.host_incoming)
+        self.settings = settings
+        self.ae = build_ae(settings, processes)
+        self.ctx = ReceiveContext(settings=settings, db=db, store=store)
+        self.processes = processes
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind and start accepting associations in a background thread."""
+        handlers = [
+            (evt.EVT_REQUESTED, handle_requested, [self.settings.receive]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.ctx]),
+        ]
+        server_class = ReusePortAssociationServer if self.processes > 1 else _PlainAssociationServer
+        address = (self.settings.node.bind, self.settings.node.port)
+        self._server = self.ae.make_server(
+            address, evt_handlers=handlers, server_class=server_class
+        )
+        self.ae._servers.append(self._server)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="dicomnode-acceptor", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def active_associations(self) -> int:
+        """Associations in progress in this process."""
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight associations finish (up to ``grace_s``), then abort."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        # shutdown() only closes the listening socket; association threads run on.
+        server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = server.active_associations
+        for assoc in left:
+            assoc.abort()
+        if left:
+            log.warning("aborted %d association(s) still open after %.0f s", len(left), grace_s)
+
+
+class _PlainAssociationServer(ThreadedAssociationServer):
+    """The usual threaded server, with daemon association threads."""
+
+    daemon_threads = True

@@ -1,0 +1,371 @@
+"""Helpers shared by the test suite: real peers (dcmtk, PostgreSQL), the node as a subprocess,
+and generated DICOM instances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+#: dcmtk storescu option that proposes exactly a file's transfer syntax (so nothing is converted).
+STORESCU_TS_OPTION = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ``../shared/data``; skips the test with a message when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"{path} is absent: this test needs the project's shared data beside the checkout "
+            "(../shared/data); a fresh clone without it skips this test"
+        )
+    return path
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """Every DICOM file below ``folder`` (by content: a DICM preamble or a parseable dataset)."""
+    out = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix.lower() in {".csv", ".md", ".txt"}:
+            continue
+        out.append(path)
+    return out
+
+
+def dcmtk(tool: str) -> str:
+    """Absolute path of a dcmtk program; skips when dcmtk is not installed.
+
+    pynetdicom installs Python apps named ``storescu`` and ``echoscu`` too, so the
+    Debian binaries are looked up by absolute path, not through ``PATH``.
+    """
+    for folder in ("/usr/bin", "/usr/local/bin"):
+        candidate = Path(folder) / tool
+        if candidate.exists():
+            return str(candidate)
+    pytest.skip(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def transfer_syntax_of(path: Path) -> str:
+    """The transfer syntax a file is encoded in (implicit VR LE when it has no meta header)."""
+    ds = dcmread(path, stop_before_pixels=True, force=True)
+    ts = getattr(ds.file_meta, "TransferSyntaxUID", None) if ds.file_meta else None
+    return str(ts) if ts else "1.2.840.10008.1.2"
+
+
+def storescu(
+    files: Iterable[Path],
+    port: int,
+    called_ae: str = "DICOMNODE",
+    calling_ae: str = "STORESCU",
+    timeout: float = 120,
+) -> list[subprocess.CompletedProcess[str]]:
+    """Send files with dcmtk storescu, one run per transfer syntax, proposing only that syntax."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        groups[transfer_syntax_of(path)].append(path)
+    runs = []
+    env = dict(os.environ, TCP_NODELAY="1")
+    for ts, paths in groups.items():
+        option = STORESCU_TS_OPTION[ts]
+        cmd = [dcmtk("storescu"), option, "-aet", calling_ae, "-aec", called_ae]
+        cmd += ["127.0.0.1", str(port), *map(str, paths)]
+        runs.append(
+            subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        )
+    return runs
+
+
+def pynetdicom_store(
+    path: Path, port: int, called_ae: str = "DICOMNODE", calling_ae: str = "STORESCU"
+) -> int:
+    """Send a file's bytes exactly as they are (chunked), with the UIDs of its meta header.
+
+    Returns the C-STORE status, or -1 when no association or response came.
+    """
+    from pynetdicom import AE, _config
+
+    meta = dcmread(path, stop_before_pixels=True, force=True).file_meta
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+        if not assoc.is_established:
+            return -1
+        try:
+            rsp = assoc.send_c_store(path)
+            return int(rsp.Status) if "Status" in rsp else -1
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+
+
+def make_instance(
+    folder: Path,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    modality: str = "CT",
+    rows: int = 64,
+    columns: int = 64,
+    patient_name: str = "Test^Patient",
+    patient_id: str = "TEST-PID-0001",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a small valid image instance (CT, CR or DX) and return its path."""
+    sop_class = {
+        "CT": "1.2.840.10008.5.1.4.1.1.2",
+        "CR": "1.2.840.10008.5.1.4.1.1.1",
+        "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+    }[modality]
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.StudyDate = "20260101"
+    ds.Modality = modality
+    ds.BodyPartExamined = "CHEST"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    rng = np.random.default_rng(abs(hash(ds.SOPInstanceUID)) % 2**32)
+    ds.PixelData = rng.integers(0, 4096, (rows, columns), dtype=np.uint16).tobytes()
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes of a DICOM file after its preamble and file meta group (the dataset)."""
+    data = path.read_bytes()
+    if data[128:132] != b"DICM":
+        return data  # no meta header: the whole file is the dataset
+    # Group length (0002,0000) UL gives the size of the rest of the meta group.
+    group_length = int.from_bytes(data[140:144], "little")
+    return data[144 + group_length :]
+
+
+def write_config(folder: Path, port: int, **sections: dict[str, Any]) -> Path:
+    """A node configuration for tests: loopback, a private data dir, short quiet periods.
+
+    ``sections`` override or add keys per table, e.g. ``completion={"force_complete_s": 60}``.
+    """
+    config: dict[str, dict[str, Any]] = {
+        "node": {"ae_title": "DICOMNODE", "port": port, "bind": "127.0.0.1", "data_dir": "data"},
+        "database": {"url": ""},
+        "storage": {"min_free_mb": 0},
+        "receive": {"allow_unknown_callers": False, "shutdown_grace_s": 10},
+        "completion": {"force_complete_s": 600, "check_interval_s": 0.2},
+    }
+    quiet = {"CR": 1.5, "DX": 1.5, "CT": 2.0, "default": 2.0}
+    quiet.update(sections.pop("quiet_period_s", {}))
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    lines: list[str] = []
+    for name, values in config.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        lines.append("")
+    lines.append("[completion.quiet_period_s]")
+    lines += [f"{k} = {_toml(v)}" for k, v in quiet.items()]
+    for title in ("STORESCU", "ECHOSCU"):
+        lines += ["", "[[receive.callers]]", f'ae_title = "{title}"', 'host = "127.0.0.1"']
+    path = folder / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+@dataclass
+class NodeProcess:
+    """``dicomnode serve`` running as a real subprocess."""
+
+    config: Path
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.parent / "data"
+
+    def start(self, timeout: float = 60) -> None:
+        self.starts += 1
+        log = self.log_path.open("ab")
+        log.write(f"\n===== start {self.starts} =====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.config.parent,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **self.env),
+        )
+        log.close()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+            if "listening on" in self.log().rsplit("===== start", 1)[-1]:
+                with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=1
+                ):
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"node did not start within {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the node and every process it started (no clean-up at all)."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            for child in _children(self.proc.pid):
+                os.kill(child, signal.SIGKILL)
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json", "--limit", "1000")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def studies(self) -> dict[str, dict[str, Any]]:
+        return {s["study_instance_uid"]: s for s in self.status()["studies"]}
+
+    def wait_for(self, predicate: Any, timeout: float, what: str) -> dict[str, dict[str, Any]]:
+        """Poll ``status`` until ``predicate(studies)`` holds."""
+        deadline = time.monotonic() + timeout
+        studies: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            studies = self.studies()
+            if predicate(studies):
+                return studies
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; status: {studies}")
+
+
+def _children(pid: int) -> list[int]:
+    """Descendant process IDs of ``pid`` (from /proc)."""
+    out = []
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return out
+    for child in map(int, text.split()):
+        out.append(child)
+        out += _children(child)
+    return out
+
+
+@contextlib.contextmanager
+def running_node(tmp_path: Path, **sections: dict[str, Any]) -> Iterator[NodeProcess]:
+    """Start the node with a test configuration; stop it (or kill it) at the end."""
+    port = free_port()
+    config = write_config(tmp_path, port, **sections)
+    node = NodeProcess(config=config, port=port, log_path=tmp_path / "node.log")
+    node.start()
+    try:
+        yield node
+    finally:
+        if node.proc is not None:
+            try:
+                node.stop()
+            except subprocess.TimeoutExpired:
+                node.kill()
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None

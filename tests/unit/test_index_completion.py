@@ -1,0 +1,183 @@
+"""Index and completion on SQLite and on a real PostgreSQL started by the suite."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from dicomnode.completion import complete_due_studies
+from dicomnode.config import CompletionSettings
+from dicomnode.db import Database, Instance, Series, Study, StudyState, utcnow
+from dicomnode.index import InstanceMeta, Provenance, recent_studies, record_instance
+
+COMPLETION = CompletionSettings(
+    quiet_period_s={"CR": 10.0, "CT": 60.0, "default": 30.0},
+    force_complete_s=3600.0,
+    check_interval_s=1.0,
+    late_instance_policy="reprocess",
+)
+
+
+def _meta(study: str, series: str, sop: str, modality: str = "CT") -> InstanceMeta:
+    return InstanceMeta(
+        StudyInstanceUID=study,
+        SeriesInstanceUID=series,
+        SOPInstanceUID=sop,
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+        TransferSyntaxUID="1.2.840.10008.1.2.1",
+        Modality=modality,
+        BodyPartExamined="CHEST",
+        ViewPosition=None,
+        ImageType="ORIGINAL\\PRIMARY\\AXIAL",
+        Rows=512,
+        Columns=512,
+    )
+
+
+def _prov(sop: str) -> Provenance:
+    return Provenance("STORESCU", "127.0.0.1", f"1/2/{sop}.dcm", 1234)
+
+
+@pytest.fixture
+def db(db_url: str) -> Database:
+    database = Database(db_url)
+    database.migrate()
+    database.migrate()  # idempotent
+    return database
+
+
+def test_record_instances_and_duplicates(db: Database) -> None:
+    now = utcnow()
+    out = record_instance(db, _meta("1.1", "1.1.1", "1.1.1.1"), _prov("a"), COMPLETION, now)
+    assert not out.duplicate and out.study_state == StudyState.RECEIVING
+    record_instance(db, _meta("1.1", "1.1.1", "1.1.1.2"), _prov("b"), COMPLETION, now)
+    again = record_instance(db, _meta("1.1", "1.1.1", "1.1.1.1"), _prov("a"), COMPLETION, now)
+    assert again.duplicate
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 2
+        assert s.scalar(select(func.count()).select_from(Series)) == 1
+        inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == "1.1.1.1")).one()
+        assert inst.times_received == 2
+        assert inst.image_type == "ORIGINAL\\PRIMARY\\AXIAL"
+        assert inst.calling_ae_title == "STORESCU"
+        assert inst.received_at.tzinfo is not None
+    [summary] = recent_studies(db)
+    assert summary.instances == 2 and summary.series == 1 and summary.modalities == ["CT"]
+
+
+def test_quiet_period_per_modality_and_completion(db: Database) -> None:
+    t0 = utcnow()
+    record_instance(db, _meta("2.1", "2.1.1", "2.1.1.1", "CR"), _prov("c"), COMPLETION, t0)
+    record_instance(db, _meta("2.2", "2.2.1", "2.2.1.1", "CT"), _prov("d"), COMPLETION, t0)
+    assert complete_due_studies(db, t0 + timedelta(seconds=9)) == []
+    done = complete_due_studies(db, t0 + timedelta(seconds=11))
+    assert [(d.study_instance_uid, d.reason) for d in done] == [("2.1", "quiet")]
+    # A new CT instance at t0+50 pushes the CT study's deadline to t0+110.
+    t1 = t0 + timedelta(seconds=50)
+    record_instance(db, _meta("2.2", "2.2.1", "2.2.1.2", "CT"), _prov("e"), COMPLETION, t1)
+    assert complete_due_studies(db, t0 + timedelta(seconds=100)) == []
+    assert [d.study_instance_uid for d in complete_due_studies(db, t0 + timedelta(seconds=111))] == [
+        "2.2"
+    ]
+    # Completed once only.
+    assert complete_due_studies(db, t0 + timedelta(seconds=500)) == []
+
+
+def test_force_complete_age(db: Database) -> None:
+    settings = CompletionSettings(quiet_period_s={"default": 10.0}, force_complete_s=12.0)
+    t0 = utcnow()
+    # Instances keep arriving every 5 s, so the 10 s quiet period never passes.
+    for i in range(3):
+        record_instance(
+            db,
+            _meta("3.1", "3.1.1", f"3.1.1.{i + 1}", "CR"),
+            _prov(str(i)),
+            settings,
+            t0 + timedelta(seconds=5 * i),
+        )
+    assert complete_due_studies(db, t0 + timedelta(seconds=11)) == []
+    done = complete_due_studies(db, t0 + timedelta(seconds=13))
+    assert [(d.study_instance_uid, d.reason) for d in done] == [("3.1", "forced")]
+
+
+@pytest.mark.parametrize("policy", ["reprocess", "ignore"])
+def test_late_instance_policy(db: Database, policy: str) -> None:
+    settings = CompletionSettings(
+        quiet_period_s=COMPLETION.quiet_period_s,
+        force_complete_s=3600.0,
+        late_instance_policy=policy,
+    )
+    t0 = utcnow()
+    record_instance(db, _meta("4.1", "4.1.1", "4.1.1.1", "CR"), _prov("f"), settings, t0)
+    complete_due_studies(db, t0 + timedelta(seconds=11))
+    # The same instance again is a duplicate and never re-opens the study.
+    dup = record_instance(
+        db, _meta("4.1", "4.1.1", "4.1.1.1", "CR"), _prov("f"), settings, t0 + timedelta(seconds=20)
+    )
+    assert dup.duplicate and not dup.reopened and dup.study_state == StudyState.COMPLETE
+    late = record_instance(
+        db, _meta("4.1", "4.1.1", "4.1.1.2", "CR"), _prov("g"), settings, t0 + timedelta(seconds=30)
+    )
+    if policy == "reprocess":
+        assert late.reopened and late.study_state == StudyState.RECEIVING
+        done = complete_due_studies(db, t0 + timedelta(seconds=41))
+        assert [d.study_instance_uid for d in done] == ["4.1"]
+        with db.read() as s:
+            assert s.scalars(select(Study.reopened_count)).one() == 1
+    else:
+        assert not late.reopened and late.study_state == StudyState.COMPLETE
+    [summary] = recent_studies(db)
+    assert summary.instances == 2
+
+
+def test_concurrent_writers_index_everything_once(db: Database) -> None:
+    """8 threads store 25 instances each into 2 studies at once: no lost or doubled rows."""
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(25):
+                study = f"5.{i % 2}"
+                record_instance(
+                    db,
+                    _meta(study, f"{study}.{n % 3}", f"5.9.{n}.{i}"),
+                    _prov(f"{n}-{i}"),
+                    COMPLETION,
+                    utcnow(),
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 200
+        assert s.scalar(select(func.count()).select_from(Study)) == 2
+        assert s.scalar(select(func.count()).select_from(Series)) == 6
+
+
+def test_concurrent_completion_checks_complete_each_study_once(db: Database) -> None:
+    t0 = utcnow()
+    for i in range(20):
+        record_instance(db, _meta(f"6.{i}", f"6.{i}.1", f"6.{i}.1.1", "CR"), _prov(str(i)),
+                        COMPLETION, t0)
+    later = t0 + timedelta(seconds=11)
+    results: list[list[str]] = []
+
+    def check() -> None:
+        results.append([d.study_instance_uid for d in complete_due_studies(db, later)])
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    completed = [uid for batch in results for uid in batch]
+    assert sorted(completed) == sorted(f"6.{i}" for i in range(20))
