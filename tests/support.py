@@ -111,9 +111,7 @@ def storescu(
         option = STORESCU_TS_OPTION[ts]
         cmd = [dcmtk("storescu"), option, "-aet", calling_ae, "-aec", called_ae]
         cmd += ["127.0.0.1", str(port), *map(str, paths)]
-        runs.append(
-            subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        )
+        runs.append(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env))
     return runs
 
 
@@ -281,8 +279,9 @@ class NodeProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
             if "listening on" in self.log().rsplit("===== start", 1)[-1]:
-                with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=1
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1),
                 ):
                     return
             time.sleep(0.1)

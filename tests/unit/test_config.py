@@ -18,9 +18,9 @@ def test_shipped_default_config_is_valid() -> None:
     assert settings.database.url.startswith("sqlite:///")
     assert settings.node.data_dir == (REPO_ROOT / "data").resolve()
     assert settings.completion.quiet_period_for("CT") > settings.completion.quiet_period_for("CR")
-    assert settings.completion.quiet_period_for("MR") == settings.completion.quiet_period_s[
-        "default"
-    ]
+    assert (
+        settings.completion.quiet_period_for("MR") == settings.completion.quiet_period_s["default"]
+    )
     assert [d.name for d in settings.destinations] == ["pacs"]
 
 
@@ -75,7 +75,8 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     path.write_text('[node]\ndata_dir = "store"\n[receive]\nallow_unknown_callers = true\n')
     settings = load_settings(path)
     assert settings.node.data_dir == (tmp_path / "site" / "store").resolve()
-    assert settings.database.url == f"sqlite:///{(tmp_path / 'site' / 'store').resolve()}/dicomnode.db"
+    store = (tmp_path / "site" / "store").resolve()
+    assert settings.database.url == f"sqlite:///{store}/dicomnode.db"
 
 
 def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:

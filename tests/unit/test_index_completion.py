@@ -79,9 +79,8 @@ def test_quiet_period_per_modality_and_completion(db: Database) -> None:
     t1 = t0 + timedelta(seconds=50)
     record_instance(db, _meta("2.2", "2.2.1", "2.2.1.2", "CT"), _prov("e"), COMPLETION, t1)
     assert complete_due_studies(db, t0 + timedelta(seconds=100)) == []
-    assert [d.study_instance_uid for d in complete_due_studies(db, t0 + timedelta(seconds=111))] == [
-        "2.2"
-    ]
+    done = complete_due_studies(db, t0 + timedelta(seconds=111))
+    assert [d.study_instance_uid for d in done] == ["2.2"]
     # Completed once only.
     assert complete_due_studies(db, t0 + timedelta(seconds=500)) == []
 
@@ -166,8 +165,9 @@ def test_concurrent_writers_index_everything_once(db: Database) -> None:
 def test_concurrent_completion_checks_complete_each_study_once(db: Database) -> None:
     t0 = utcnow()
     for i in range(20):
-        record_instance(db, _meta(f"6.{i}", f"6.{i}.1", f"6.{i}.1.1", "CR"), _prov(str(i)),
-                        COMPLETION, t0)
+        record_instance(
+            db, _meta(f"6.{i}", f"6.{i}.1", f"6.{i}.1.1", "CR"), _prov(str(i)), COMPLETION, t0
+        )
     later = t0 + timedelta(seconds=11)
     results: list[list[str]] = []
 
