@@ -74,6 +74,7 @@ class ReceiveSettings:
 
     allow_unknown_callers: bool = False
     callers: tuple[CallerSettings, ...] = ()
+    accept_other_storage: bool = True
     processes: int = 1
     max_associations: int = 16
     max_pdu_size: int = 65536
@@ -316,6 +317,7 @@ def _parse_receive(root: _Reader) -> ReceiveSettings:
     s = ReceiveSettings(
         allow_unknown_callers=r.get("allow_unknown_callers", bool, d.allow_unknown_callers),
         callers=tuple(callers),
+        accept_other_storage=r.get("accept_other_storage", bool, d.accept_other_storage),
         processes=r.number("processes", int, d.processes, 1, 64),
         max_associations=r.number("max_associations", int, d.max_associations, 1, 1000),
         # PS3.8: 0 means unlimited, which we refuse; pynetdicom needs at least 4096.

@@ -46,6 +46,8 @@ class InstanceMeta:
     PatientID: str | None = None
     AccessionNumber: str | None = None
     StudyDate: str | None = None
+    DerivedUIDs: tuple[str, ...] = ()
+    """Keywords whose UID was missing and derived by the node (see ``receive.meta``)."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,11 @@ def record_instance(
             study.quiet_until = now + quiet
             study.force_complete_at = now + force
         study.last_received_at = now
+        if meta.DerivedUIDs and not study.reason:
+            study.reason = (
+                f"received without {' and '.join(meta.DerivedUIDs)}; the node derived them, "
+                "so results for this study would not match any study in the PACS"
+            )
         state = study.state
 
     if reopened:

@@ -17,6 +17,7 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 from dicomnode.completion import CompletionScheduler
 from dicomnode.config import Settings
@@ -66,15 +67,16 @@ def _check_port_free(host: str, port: int) -> None:
         probe.close()
 
 
-def _receiver_main(settings: Settings, index: int) -> None:
-    """Entry point of one receiver process."""
+def _receiver_main(settings: Settings, index: int, ready: Any) -> None:
+    """Entry point of one receiver process; sets ``ready`` once its socket listens."""
     configure_logging(settings.node.log_level)
     stop = threading.Event()
     _install_stop_signals(stop)
     db = Database(settings.database.url)
     receiver = Receiver(settings, db, make_store(settings), settings.receive.processes)
     receiver.start()
-    log.info("receiver %d listening", index)
+    ready.set()
+    log.info("receiver %d accepting associations", index)
     stop.wait()
     receiver.stop(settings.receive.shutdown_grace_s)
     db.dispose()
@@ -89,15 +91,23 @@ class _Supervisor:
         self.children: dict[int, tuple[BaseProcess, float]] = {}
         self.fast_failures = 0
 
-    def start(self, index: int) -> None:
+    def start(self, index: int, timeout_s: float = 60) -> None:
+        """Start receiver ``index`` and wait until it listens."""
+        ready = self.ctx.Event()
         proc = self.ctx.Process(
             target=_receiver_main,
-            args=(self.settings, index),
+            args=(self.settings, index, ready),
             name=f"receiver-{index}",
             daemon=False,
         )
         proc.start()
         self.children[index] = (proc, time.monotonic())
+        deadline = time.monotonic() + timeout_s
+        while not ready.wait(0.1):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise DicomNodeError(
+                    f"receiver process {index} failed to start (exit code {proc.exitcode})"
+                )
 
     def check(self) -> None:
         """Restart children that died; give up after repeated failed starts."""

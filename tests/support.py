@@ -230,6 +230,7 @@ def write_config(folder: Path, port: int, **sections: dict[str, Any]) -> Path:
     lines += [f"{k} = {_toml(v)}" for k, v in quiet.items()]
     for title in ("STORESCU", "ECHOSCU"):
         lines += ["", "[[receive.callers]]", f'ae_title = "{title}"', 'host = "127.0.0.1"']
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -278,12 +279,10 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+            # The log line comes after the socket is bound and listening. (No TCP probe:
+            # a connection that sends nothing would hold an association slot.)
             if "listening on" in self.log().rsplit("===== start", 1)[-1]:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1),
-                ):
-                    return
+                return
             time.sleep(0.1)
         raise AssertionError(f"node did not start within {timeout} s:\n{self.log()}")
 
@@ -333,7 +332,8 @@ class NodeProcess:
             if predicate(studies):
                 return studies
             time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}; status: {studies}")
+        summary = {uid: (s["state"], s["instances"]) for uid, s in studies.items()}
+        raise AssertionError(f"timed out waiting for {what}; studies: {summary}")
 
 
 def _children(pid: int) -> list[int]:

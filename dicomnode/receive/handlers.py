@@ -66,6 +66,9 @@ def handle_requested(event: Event, settings: ReceiveSettings) -> None:
             host,
         )
         event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
+        # Wait until the A-ASSOCIATE-RJ is on the wire before the connection is closed
+        # (what pynetdicom itself does after its own rejections).
+        event.assoc.kill()
 
 
 def handle_echo(event: Event) -> int:

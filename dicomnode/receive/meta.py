@@ -6,6 +6,7 @@ on the receive path.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +83,22 @@ def read_instance_meta(
                 "PatientID",
                 "AccessionNumber",
                 "StudyDate",
+                "StudyTime",
+                "StudyID",
+                "SeriesDate",
+                "SeriesTime",
             )
         }
     except Exception as exc:
         raise DatasetError(
             f"dataset cannot be parsed: {type(exc).__name__}: {exc}", CANNOT_UNDERSTAND
         ) from exc
+    derived: list[str] = []
     try:
-        study_uid = validate_uid(values["StudyInstanceUID"], "StudyInstanceUID")
-        series_uid = validate_uid(values["SeriesInstanceUID"], "SeriesInstanceUID")
+        study_uid = _uid_or_derived(values, "StudyInstanceUID", _STUDY_KEYS, derived)
+        series_uid = _uid_or_derived(
+            {**values, "StudyInstanceUID": study_uid}, "SeriesInstanceUID", _SERIES_KEYS, derived
+        )
         affected_instance = validate_uid(affected_sop_instance_uid, "AffectedSOPInstanceUID")
         # Some archives export files whose dataset has an empty SOPInstanceUID and
         # keep the UID in the file meta only; the request carries it, so use that.
@@ -135,4 +143,43 @@ def read_instance_meta(
         PatientID=_text(ds, "PatientID", 64),
         AccessionNumber=_text(ds, "AccessionNumber", 64),
         StudyDate=_text(ds, "StudyDate", 8),
+        DerivedUIDs=tuple(derived),
     )
+
+
+#: Attributes that identify a study / a series when its UID is missing.
+_STUDY_KEYS = ("PatientID", "AccessionNumber", "StudyID", "StudyDate", "StudyTime")
+_SERIES_KEYS = (
+    "StudyInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or str(value).strip("\x00 ") == ""
+
+
+def _uid_or_derived(
+    values: dict[str, Any], keyword: str, keys: tuple[str, ...], derived: list[str]
+) -> str:
+    """The UID in ``keyword``; when it is empty, a UID derived from ``keys``.
+
+    Anonymisers and some archive exports blank Study and Series Instance UIDs.
+    Refusing such an instance would lose it; the node stores it as received and
+    indexes it under a deterministic UID (PS3.5 B.2, a ``2.25`` UUID-derived UID),
+    so instances of the same series still group together. The study is flagged,
+    and later stages do not send results for it.
+    """
+    value = values.get(keyword)
+    if not _blank(value):
+        return validate_uid(value, keyword)
+    parts = [f"{k}={str(values.get(k) or '').strip()}" for k in keys]
+    if all(p.endswith("=") for p in parts if not p.startswith("StudyInstanceUID")):
+        raise InvalidUIDError(f"{keyword} is empty and nothing identifies the {keyword[:-11]}")
+    digest = hashlib.sha256("|".join([keyword, *parts]).encode()).digest()[:16]
+    derived.append(keyword)
+    return f"2.25.{int.from_bytes(digest, 'big')}"

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -67,7 +67,16 @@ def build_ae(settings: Settings, processes: int = 1) -> AE:
     ae.acse_timeout = receive.acse_timeout_s
     ae.dimse_timeout = receive.dimse_timeout_s
     ae.add_supported_context(Verification)
-    for sop_class in STORAGE_SOP_CLASSES.values():
+    sop_classes = list(STORAGE_SOP_CLASSES.values())
+    if receive.accept_other_storage:
+        # Modalities send dose reports, presentation states, etc. with a study; refusing
+        # them makes many senders mark the whole transfer failed. Keep them, index them.
+        sop_classes += [
+            cx.abstract_syntax
+            for cx in AllStoragePresentationContexts
+            if cx.abstract_syntax not in sop_classes
+        ]
+    for sop_class in sop_classes:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     return ae
 
@@ -119,13 +128,21 @@ class Receiver:
         # shutdown() only closes the listening socket; association threads run on.
         server.shutdown()
         deadline = time.monotonic() + grace_s
-        while server.active_associations and time.monotonic() < deadline:
+        # Only established associations carry data worth waiting for; a connection that
+        # never sent an A-ASSOCIATE-RQ (a port probe) is simply closed.
+        while (
+            any(a.is_established for a in server.active_associations)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         left = server.active_associations
         for assoc in left:
             assoc.abort()
-        if left:
-            log.warning("aborted %d association(s) still open after %.0f s", len(left), grace_s)
+        established = [a for a in left if a.is_established]
+        if established:
+            log.warning(
+                "aborted %d association(s) still open after %.0f s", len(established), grace_s
+            )
 
 
 class _PlainAssociationServer(ThreadedAssociationServer):

@@ -1,0 +1,428 @@
+"""The node as a subprocess, fed by real dcmtk SCUs over loopback."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from support import (
+    NodeProcess,
+    dataset_bytes,
+    dcmtk,
+    dicom_files,
+    free_port,
+    make_instance,
+    pynetdicom_store,
+    running_node,
+    shared_data,
+    storescu,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
+    """dcmtk storescp in bit-preserving mode: the oracle for "what was sent"."""
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [dcmtk("storescp"), "+B", "+xa", "-aet", "DICOMNODE", "-od", str(out), "--fork", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _by_sop_instance(folder: Path) -> dict[str, Path]:
+    out = {}
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.name.endswith(".part"):
+            meta = dcmread(path, stop_before_pixels=True, force=True).file_meta
+            out[str(meta.MediaStorageSOPInstanceUID)] = path
+    return out
+
+
+def _wait_port(port: int) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_every_shared_file_is_stored_byte_identical_indexed_and_completed(
+    tmp_path: Path,
+) -> None:
+    cxr = dicom_files(shared_data("dicom_cxr"))
+    ct = dicom_files(shared_data("dicom_ct"))
+    generated = [
+        make_instance(tmp_path / "gen", study_uid=study, modality="CT")
+        for study in [generate_uid()] * 3
+    ] + [make_instance(tmp_path / "gen", modality="DX", rows=300, columns=200)]
+    # dcmtk storescu cannot send files whose dataset lacks SOPClassUID (the J2K series keeps
+    # its UIDs in the file meta only, as some archives export); pynetdicom sends those bytes.
+    dcmtk_files, meta_only_files = [], []
+    for path in cxr + ct + generated:
+        ds = dcmread(path, stop_before_pixels=True, force=True)
+        (dcmtk_files if ds.get("SOPClassUID") else meta_only_files).append(path)
+    assert len(meta_only_files) == 20  # the TotalSegmentator series
+
+    oracle_port = free_port()
+    oracle = _storescp(tmp_path / "oracle", oracle_port)
+    try:
+        _wait_port(oracle_port)
+        for run in storescu(dcmtk_files, oracle_port):
+            assert run.returncode == 0, run.stderr
+    finally:
+        oracle.terminate()
+        oracle.wait(10)
+    sent = _by_sop_instance(tmp_path / "oracle")
+
+    with running_node(tmp_path / "node") as node:
+        for run in storescu(dcmtk_files, node.port):
+            assert run.returncode == 0, run.stdout + run.stderr
+        for path in meta_only_files:
+            assert pynetdicom_store(path, node.port) == 0x0000
+        stored = _by_sop_instance(node.data_dir / "instances")
+
+        for sop_uid, oracle_file in sent.items():
+            assert sop_uid in stored, f"{sop_uid} not stored"
+            assert dataset_bytes(stored[sop_uid]) == dataset_bytes(oracle_file), sop_uid
+        for path in meta_only_files:
+            uid = str(dcmread(path, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID)
+            assert dataset_bytes(stored[uid]) == dataset_bytes(path)
+        assert len(stored) == len(sent) + len(meta_only_files)
+
+        expected: dict[str, int] = {}
+        for path in dcmtk_files:
+            ds = dcmread(path, stop_before_pixels=True, force=True)
+            expected[ds.StudyInstanceUID] = expected.get(ds.StudyInstanceUID, 0) + 1
+        # dicom_cxr holds one image twice (MONOCHROME1 and 2 copies share a SOP Instance UID).
+        duplicates = len(dcmtk_files) - len(sent)
+        studies = node.wait_for(
+            lambda s: (
+                len(s) == len(expected) + 1 and all(v["state"] == "complete" for v in s.values())
+            ),
+            timeout=30,
+            what="every study complete",
+        )
+        for uid, count in expected.items():
+            assert 1 <= studies[uid]["instances"] <= count
+        assert sum(studies[uid]["instances"] for uid in expected) == len(dcmtk_files) - duplicates
+        # The series without Study/Series UIDs is kept, grouped under derived UIDs, and flagged.
+        [derived] = [s for uid, s in studies.items() if uid not in expected]
+        assert derived["study_instance_uid"].startswith("2.25.")
+        assert derived["instances"] == 20 and derived["series"] == 1
+        assert "without StudyInstanceUID" in derived["reason"]
+
+
+def test_unknown_calling_ae_is_rejected_and_known_one_echoes(tmp_path: Path) -> None:
+    with running_node(tmp_path) as node:
+        ok = subprocess.run(
+            [dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert ok.returncode == 0, ok.stderr
+        bad = subprocess.run(
+            [
+                dcmtk("echoscu"),
+                "-aet",
+                "INTRUDER",
+                "-aec",
+                "DICOMNODE",
+                "127.0.0.1",
+                str(node.port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert bad.returncode != 0
+        assert "INTRUDER" in node.log() and "rejected association" in node.log()
+        # The rejection is a proper A-ASSOCIATE-RJ with "calling AE title not recognized".
+        from pynetdicom import AE
+
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert assoc.is_rejected
+        assert assoc.acceptor.primitive.diagnostic == 0x03
+
+
+def test_caller_host_restriction(tmp_path: Path) -> None:
+    with running_node(tmp_path, receive={"allow_unknown_callers": False}) as node:
+        config = node.config.read_text().replace(
+            'ae_title = "ECHOSCU"\nhost = "127.0.0.1"', 'ae_title = "ECHOSCU"\nhost = "192.0.2.7"'
+        )
+        node.stop()
+        node.config.write_text(config)
+        node.start()
+        run = subprocess.run(
+            [dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode != 0
+        assert "'ECHOSCU' at 127.0.0.1" in node.log()
+
+
+def _crafted(tmp_path: Path) -> dict[str, tuple[Path, set[int]]]:
+    """Broken inputs with the statuses each may get (a failure, or 0 for a safe store)."""
+    cases: dict[str, tuple[Path, set[int]]] = {}
+    good = make_instance(tmp_path / "crafted", modality="CT", rows=128, columns=128)
+    data = good.read_bytes()
+    head = dataset_bytes(good)
+    meta = data[: len(data) - len(head)]
+
+    garbage = tmp_path / "crafted" / "garbage.dcm"
+    garbage.write_bytes(meta + b"\xff\xfe\x00\x01" * 64)
+    cases["garbage"] = (garbage, {0xC210, 0xC211})
+
+    empty = tmp_path / "crafted" / "empty.dcm"
+    empty.write_bytes(meta)
+    cases["empty dataset"] = (empty, {0xC211})
+
+    truncated = tmp_path / "crafted" / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) - 10000])
+    cases["truncated pixel data"] = (truncated, {0x0000, 0xC210})
+
+    escape = make_instance(
+        tmp_path / "crafted",
+        study_uid="1.2.3/../../../../tmp/evil",
+        modality="CT",
+    )
+    cases["study UID with ../"] = (escape, {0xC211})
+
+    other = make_instance(tmp_path / "crafted", modality="CT")
+    ds = dcmread(other)
+    ds.SOPInstanceUID = "1.2.3.4.5.6.7.8.9"  # differs from the meta/command UID
+    ds.save_as(other)
+    cases["SOP Instance UID mismatch"] = (other, {0xC212})
+    return cases
+
+
+def test_malformed_input_gets_a_status_a_log_line_and_the_node_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    with running_node(tmp_path / "node", node={"log_level": "INFO"}) as node:
+        # pydicom's own odd files, sent as they are by dcmtk where dcmtk can read them.
+        odd = [Path(get_testdata_file(n)) for n in ("no_meta.dcm", "badVR.dcm", "MR_truncated.dcm")]
+        for path in odd:
+            subprocess.run(
+                [dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(path)],
+                capture_output=True,
+                timeout=30,
+            )
+            # and the same bytes without dcmtk's checks, under their own SOP class
+            status = pynetdicom_store(path, node.port) if b"DICM" in path.read_bytes()[:132] else 0
+            assert status in {0x0000, 0xC210, 0xC211, 0xC212, 0xA900}, (path.name, hex(status))
+
+        for name, (path, allowed) in _crafted(tmp_path).items():
+            status = pynetdicom_store(path, node.port)
+            assert status in allowed, (name, hex(status))
+            if status != 0:
+                assert f"0x{status:04X}" in node.log(), name
+
+        # Nothing escaped the storage root.
+        assert not Path("/tmp/evil").exists()
+        assert not list(node.data_dir.parent.glob("**/evil*"))
+        # Still serving: echo and a good store work.
+        echo = subprocess.run(
+            [dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+            capture_output=True,
+            timeout=30,
+        )
+        assert echo.returncode == 0
+        good = make_instance(tmp_path / "after", modality="CR")
+        [run] = storescu([good], node.port)
+        assert run.returncode == 0
+        assert node.proc is not None and node.proc.poll() is None
+
+
+def test_disk_below_floor_answers_a700_and_indexes_nothing(tmp_path: Path) -> None:
+    with running_node(tmp_path, storage={"min_free_mb": 2**40}) as node:
+        path = make_instance(tmp_path / "in", modality="CT")
+        assert pynetdicom_store(path, node.port) == 0xA700
+        [run] = storescu([path], node.port)
+        assert "0xa700" in (run.stdout + run.stderr).lower() or run.returncode != 0
+        assert node.studies() == {}
+        assert "0xA700" in node.log() or "below the floor" in node.log()
+        assert not list((node.data_dir / "instances").rglob("*.dcm"))
+
+
+def test_kill_9_during_quiet_period_then_restart_completes(tmp_path: Path) -> None:
+    with running_node(tmp_path, quiet_period_s={"CT": 4.0}) as node:
+        study = generate_uid()
+        files = [make_instance(tmp_path / "in", study_uid=study) for _ in range(3)]
+        [run] = storescu(files, node.port)
+        assert run.returncode == 0
+        assert node.studies()[study]["state"] == "receiving"
+        node.kill()
+        node.start()
+        studies = node.wait_for(
+            lambda s: s.get(study, {}).get("state") == "complete", 30, "study complete"
+        )
+        assert studies[study]["instances"] == 3
+
+
+def test_acknowledged_instances_survive_kill_9_mid_transfer(tmp_path: Path) -> None:
+    """SIGKILL while storescu is sending: every instance it saw Success for is indexed."""
+    study = generate_uid()
+    files = [
+        make_instance(tmp_path / "in", study_uid=study, rows=256, columns=256) for _ in range(60)
+    ]
+    with running_node(tmp_path / "node") as node:
+        sender = subprocess.Popen(
+            [dcmtk("storescu"), "-v", "-xe", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)]
+            + [str(f) for f in files],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert sender.stdout is not None
+        acknowledged: list[str] = []
+        current = None
+        lines: list[str] = []
+
+        def read() -> None:
+            nonlocal current
+            for line in sender.stdout:  # type: ignore[union-attr]
+                lines.append(line)
+                m = re.search(r"Sending file: (\S+)", line)
+                if m:
+                    current = m.group(1)
+                if "Received Store Response (Success)" in line and current:
+                    acknowledged.append(current)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < 15 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        node.kill()
+        sender.wait(30)
+        reader.join(10)
+        assert 15 <= len(acknowledged) < 60, "".join(lines[-20:])
+        node.start()
+        with_status = node.studies()[study]
+        assert with_status["instances"] >= len(acknowledged)
+        stored = _by_sop_instance(node.data_dir / "instances")
+        for path in acknowledged:
+            uid = Path(path).stem
+            assert uid in stored, f"acknowledged {uid} lost"
+            assert dataset_bytes(stored[uid]) == dataset_bytes(Path(path))
+
+
+def test_sigterm_finishes_in_flight_association_and_exits_cleanly(tmp_path: Path) -> None:
+    files = [make_instance(tmp_path / "in", rows=256, columns=256) for _ in range(40)]
+    with running_node(tmp_path / "node") as node:
+        sender = subprocess.Popen(
+            [dcmtk("storescu"), "-xe", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)]
+            + [str(f) for f in files],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        import time
+
+        time.sleep(0.3)
+        assert node.stop(timeout=30) == 0
+        out, _ = sender.communicate(timeout=30)
+        # The association in progress when SIGTERM came was allowed to finish.
+        assert sender.returncode == 0, out
+        assert "dicomnode stopped" in node.log()
+        node.start()
+        assert sum(s["instances"] for s in node.studies().values()) == 40
+
+
+def test_association_limit(tmp_path: Path) -> None:
+    from pynetdicom import AE
+
+    with running_node(tmp_path, receive={"max_associations": 1}) as node:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        first = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert second.is_rejected
+        first.release()
+        third = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert third.is_established
+        third.release()
+
+
+def test_logs_carry_no_patient_names_or_ids(tmp_path: Path) -> None:
+    with running_node(tmp_path / "node", node={"log_level": "DEBUG"}) as node:
+        study = generate_uid()
+        files = [
+            make_instance(
+                tmp_path / "in",
+                study_uid=study,
+                patient_name="Secretname^Verysecret",
+                patient_id="PID-SECRET-4242",
+            )
+            for _ in range(2)
+        ]
+        [run] = storescu(files, node.port)
+        assert run.returncode == 0
+        node.wait_for(lambda s: s.get(study, {}).get("state") == "complete", 30, "complete")
+        log = node.log()
+        assert study in log  # the log does talk about the study...
+        assert "Secretname" not in log and "PID-SECRET-4242" not in log  # ...never the patient
+
+
+def test_several_receiving_processes_share_the_port(tmp_path: Path) -> None:
+    study = generate_uid()
+    files = [make_instance(tmp_path / "in", study_uid=study) for _ in range(40)]
+    with running_node(tmp_path / "node", receive={"processes": 2}) as node:
+        threads = []
+        results: list[int] = []
+        for part in range(4):
+            chunk = files[part::4]
+            t = threading.Thread(
+                target=lambda c=chunk: results.extend(r.returncode for r in storescu(c, node.port))
+            )
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(120)
+        assert results == [0, 0, 0, 0]
+        assert node.studies()[study]["instances"] == 40
+        assert node.log().count("accepting associations") == 2
+
+
+def test_node_on_postgresql(tmp_path: Path, postgres: object) -> None:
+    url = postgres.create_database()  # type: ignore[attr-defined]
+    with running_node(tmp_path, database={"url": url}) as node:
+        study = generate_uid()
+        files = [make_instance(tmp_path / "in", study_uid=study, modality="CR") for _ in range(2)]
+        [run] = storescu(files, node.port)
+        assert run.returncode == 0
+        studies = node.wait_for(
+            lambda s: s.get(study, {}).get("state") == "complete", 30, "complete on PostgreSQL"
+        )
+        assert studies[study]["instances"] == 2
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[node]\nport = "eleven"\n[receive]\nallow_unknown_callers = true\n')
+    node = NodeProcess(config=config, port=0, log_path=tmp_path / "log")
+    result = node.cli("serve")
+    assert result.returncode == 2
+    assert "node.port" in result.stderr and "'eleven'" in result.stderr
