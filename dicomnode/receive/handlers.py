@@ -113,11 +113,12 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
     if outcome.superseded_path:
         ctx.store.path_of(outcome.superseded_path).unlink(missing_ok=True)
     log.debug(
-        "stored %s (%d bytes, %s) study %s%s",
+        "stored %s (%d bytes, %s) study %s%s%s",
         meta.SOPInstanceUID,
         stored.size_bytes,
         meta.TransferSyntaxUID,
         meta.StudyInstanceUID,
         " (duplicate, replaced)" if outcome.duplicate else "",
+        f" PatientID={meta.PatientID!r}" if ctx.settings.node.log_phi else "",
     )
     return SUCCESS

@@ -350,10 +350,18 @@ def test_sigterm_finishes_in_flight_association_and_exits_cleanly(tmp_path: Path
         assert sum(s["instances"] for s in node.studies().values()) == 40
 
 
-def test_association_limit(tmp_path: Path) -> None:
+def test_association_and_pdu_limits(tmp_path: Path) -> None:
     from pynetdicom import AE
 
-    with running_node(tmp_path, receive={"max_associations": 1}) as node:
+    with running_node(tmp_path, receive={"max_associations": 1, "max_pdu_size": 32768}) as node:
+        run = subprocess.run(
+            [dcmtk("echoscu"), "-v", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        # dcmtk reports the PDU size the node announced, less the 12 bytes of PDV header.
+        assert "Max Send PDV: 32756" in run.stdout + run.stderr
         ae = AE(ae_title="STORESCU")
         ae.add_requested_context("1.2.840.10008.1.1")
         first = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
@@ -384,6 +392,13 @@ def test_logs_carry_no_patient_names_or_ids(tmp_path: Path) -> None:
         log = node.log()
         assert study in log  # the log does talk about the study...
         assert "Secretname" not in log and "PID-SECRET-4242" not in log  # ...never the patient
+        # An admin debugging a site can turn patient IDs on.
+        node.stop()
+        node.config.write_text(node.config.read_text().replace("[node]", "[node]\nlog_phi = true"))
+        node.start()
+        [run] = storescu(files[:1], node.port)
+        assert run.returncode == 0
+        assert "PID-SECRET-4242" in node.log()
 
 
 def test_several_receiving_processes_share_the_port(tmp_path: Path) -> None:

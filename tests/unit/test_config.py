@@ -95,3 +95,9 @@ def test_postgresql_url_uses_psycopg3(tmp_path: Path) -> None:
         source=None,
     )
     assert settings.database.url == "postgresql+psycopg://u@h/db"
+
+
+def test_container_config_is_valid() -> None:
+    settings = load_settings(REPO_ROOT / "deploy" / "config.container.toml")
+    assert settings.node.bind == "0.0.0.0"
+    assert settings.database.url.startswith("postgresql+psycopg://")
