@@ -69,6 +69,16 @@ class CallerSettings:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """``[receive.tls]``: DICOM over TLS (PS3.15 Annex B). Off unless both files are set."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    """When set, callers must present a certificate signed by one of these CAs."""
+
+
+@dataclass(frozen=True)
 class ReceiveSettings:
     """``[receive]``: the C-STORE SCP."""
 
@@ -82,6 +92,7 @@ class ReceiveSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     shutdown_grace_s: float = 30.0
+    tls: TLSSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -303,7 +314,35 @@ def _parse_storage(root: _Reader) -> StorageSettings:
     return s
 
 
-def _parse_receive(root: _Reader) -> ReceiveSettings:
+def _existing_file(r: _Reader, name: str, base_dir: Path, required: bool) -> Path | None:
+    value = r.get(name, str, None)
+    if value is None:
+        if required:
+            r.problem(name, "is required (a file path)")
+        return None
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_file():
+        r.problem(name, f"no such file: {value!r} (resolved to {str(path)!r})")
+        return None
+    return path
+
+
+def _parse_tls(parent: _Reader, base_dir: Path) -> TLSSettings | None:
+    if "tls" not in parent.table:
+        parent.seen.add("tls")
+        return None
+    r = _Reader(_table(parent, "tls"), "receive.tls", parent.problems)
+    certificate = _existing_file(r, "certificate", base_dir, required=True)
+    private_key = _existing_file(r, "private_key", base_dir, required=True)
+    ca = _existing_file(r, "ca_certificates", base_dir, required=False)
+    r.check_unknown()
+    if certificate is None or private_key is None:
+        return None
+    return TLSSettings(certificate=certificate, private_key=private_key, ca_certificates=ca)
+
+
+def _parse_receive(root: _Reader, base_dir: Path) -> ReceiveSettings:
     r = _Reader(_table(root, "receive"), "receive", root.problems)
     d = ReceiveSettings()
     callers = []
@@ -326,6 +365,7 @@ def _parse_receive(root: _Reader) -> ReceiveSettings:
         acse_timeout_s=r.number("acse_timeout_s", float, d.acse_timeout_s, 1),
         dimse_timeout_s=r.number("dimse_timeout_s", float, d.dimse_timeout_s, 1),
         shutdown_grace_s=r.number("shutdown_grace_s", float, d.shutdown_grace_s, 0),
+        tls=_parse_tls(r, base_dir),
     )
     r.check_unknown()
     if not s.allow_unknown_callers and not s.callers:
@@ -408,7 +448,7 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         node=node,
         database=_parse_database(root, node.data_dir),
         storage=_parse_storage(root),
-        receive=_parse_receive(root),
+        receive=_parse_receive(root, base_dir),
         completion=_parse_completion(root),
         destinations=_parse_destinations(root),
     )

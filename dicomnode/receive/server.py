@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -18,7 +19,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode.config import Settings
+from dicomnode.config import Settings, TLSSettings
 from dicomnode.db import Database
 from dicomnode.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicomnode.receive.handlers import (
@@ -51,6 +52,17 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+
+def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    """Server-side TLS context: TLS 1.2 or newer, client certificates when a CA is set."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=tls.certificate, keyfile=tls.private_key)
+    if tls.ca_certificates is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=tls.ca_certificates)
+    return context
 
 
 def build_ae(settings: Settings, processes: int = 1) -> AE:
@@ -106,8 +118,12 @@ class Receiver:
         ]
         server_class = ReusePortAssociationServer if self.processes > 1 else _PlainAssociationServer
         address = (self.settings.node.bind, self.settings.node.port)
+        tls = self.settings.receive.tls
         self._server = self.ae.make_server(
-            address, evt_handlers=handlers, server_class=server_class
+            address,
+            evt_handlers=handlers,
+            server_class=server_class,
+            ssl_context=build_ssl_context(tls) if tls else None,
         )
         self.ae._servers.append(self._server)
         self._thread = threading.Thread(
