@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -73,27 +73,32 @@ class RecordOutcome:
     """A previous file of this SOP Instance at another path, to delete after commit."""
 
 
-def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any], key: str) -> None:
+_STUDY = Study.__table__
+_SERIES = Series.__table__
+_INSTANCE = Instance.__table__
+
+
+def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> None:
     """INSERT the row unless one with the same unique ``key`` exists (race-free)."""
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+    session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=[key]))
 
 
-def record_instance(
-    db: Database,
-    meta: InstanceMeta,
-    provenance: Provenance,
-    completion: CompletionSettings,
-    now: datetime,
-) -> RecordOutcome:
-    """Index one stored instance and move its study's completion deadlines."""
-    quiet = timedelta(seconds=completion.quiet_period_for(meta.Modality))
-    force = timedelta(seconds=completion.force_complete_s)
-    with db.write() as session:
+def _study_row(
+    session: Session, meta: InstanceMeta, now: datetime, quiet: timedelta, force: timedelta
+) -> Any:
+    """The study's row (id, state, quiet_until, reason), created if new, locked for update."""
+    query = (
+        select(_STUDY.c.id, _STUDY.c.state, _STUDY.c.quiet_until, _STUDY.c.reason)
+        .where(_STUDY.c.study_instance_uid == meta.StudyInstanceUID)
+        .with_for_update()
+    )
+    row = session.execute(query).first()
+    if row is None:
         _insert_ignore(
             session,
-            Study,
+            _STUDY,
             {
                 "study_instance_uid": meta.StudyInstanceUID,
                 "patient_id": meta.PatientID,
@@ -108,14 +113,19 @@ def record_instance(
             },
             "study_instance_uid",
         )
-        study = session.scalars(
-            select(Study).where(Study.study_instance_uid == meta.StudyInstanceUID).with_for_update()
-        ).one()
+        row = session.execute(query).one()
+    return row
+
+
+def _series_id(session: Session, meta: InstanceMeta, study_id: int) -> int:
+    query = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == meta.SeriesInstanceUID)
+    series_id = session.execute(query).scalar()
+    if series_id is None:
         _insert_ignore(
             session,
-            Series,
+            _SERIES,
             {
-                "study_id": study.id,
+                "study_id": study_id,
                 "series_instance_uid": meta.SeriesInstanceUID,
                 "modality": meta.Modality,
                 "body_part_examined": meta.BodyPartExamined,
@@ -124,15 +134,34 @@ def record_instance(
             },
             "series_instance_uid",
         )
-        series = session.scalars(
-            select(Series).where(Series.series_instance_uid == meta.SeriesInstanceUID)
-        ).one()
-        existing = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == meta.SOPInstanceUID)
-        ).one_or_none()
+        series_id = session.execute(query).scalar_one()
+    return int(series_id)
 
+
+def record_instance(
+    db: Database,
+    meta: InstanceMeta,
+    provenance: Provenance,
+    completion: CompletionSettings,
+    now: datetime,
+) -> RecordOutcome:
+    """Index one stored instance and move its study's completion deadlines.
+
+    Written with Core statements (five in the usual case): this runs once per
+    received instance, inside the C-STORE response time.
+    """
+    quiet = timedelta(seconds=completion.quiet_period_for(meta.Modality))
+    force = timedelta(seconds=completion.force_complete_s)
+    with db.write() as session:
+        study = _study_row(session, meta, now, quiet, force)
+        series_id = _series_id(session, meta, study.id)
+        existing = session.execute(
+            select(_INSTANCE.c.id, _INSTANCE.c.path).where(
+                _INSTANCE.c.sop_instance_uid == meta.SOPInstanceUID
+            )
+        ).first()
         fields = {
-            "series_id": series.id,
+            "series_id": series_id,
             "study_id": study.id,
             "sop_class_uid": meta.SOPClassUID,
             "transfer_syntax_uid": meta.TransferSyntaxUID,
@@ -153,32 +182,42 @@ def record_instance(
         }
         superseded = None
         if existing is None:
-            session.add(Instance(sop_instance_uid=meta.SOPInstanceUID, times_received=1, **fields))
+            session.execute(
+                insert(_INSTANCE).values(
+                    sop_instance_uid=meta.SOPInstanceUID, times_received=1, **fields
+                )
+            )
         else:
             if existing.path != provenance.relative_path:
                 superseded = existing.path
-            for name, value in fields.items():
-                setattr(existing, name, value)
-            existing.times_received += 1
+            session.execute(
+                update(_INSTANCE)
+                .where(_INSTANCE.c.id == existing.id)
+                .values(times_received=_INSTANCE.c.times_received + 1, **fields)
+            )
 
+        changes: dict[str, Any] = {"last_received_at": now}
         reopened = False
-        if study.state == StudyState.RECEIVING:
-            study.quiet_until = max(study.quiet_until, now + quiet)
+        state = study.state
+        if state == StudyState.RECEIVING:
+            changes["quiet_until"] = max(study.quiet_until, now + quiet)
         elif existing is None and completion.late_instance_policy == "reprocess":
             reopened = True
-            study.state = StudyState.RECEIVING
-            study.completed_at = None
-            study.completion_reason = None
-            study.reopened_count += 1
-            study.quiet_until = now + quiet
-            study.force_complete_at = now + force
-        study.last_received_at = now
+            state = StudyState.RECEIVING
+            changes.update(
+                state=state,
+                completed_at=None,
+                completion_reason=None,
+                reopened_count=_STUDY.c.reopened_count + 1,
+                quiet_until=now + quiet,
+                force_complete_at=now + force,
+            )
         if meta.DerivedUIDs and not study.reason:
-            study.reason = (
+            changes["reason"] = (
                 f"received without {' and '.join(meta.DerivedUIDs)}; the node derived them, "
                 "so results for this study would not match any study in the PACS"
             )
-        state = study.state
+        session.execute(update(_STUDY).where(_STUDY.c.id == study.id).values(**changes))
 
     if reopened:
         log.info("late instance re-opened completed study %s", meta.StudyInstanceUID)

@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,13 @@ class Database:
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # A small pool of long-lived connections: opening one costs several PRAGMAs.
             self.engine: Engine = create_engine(
-                url, echo=echo, poolclass=NullPool, connect_args={"timeout": 60}
+                url,
+                echo=echo,
+                pool_size=8,
+                max_overflow=8,
+                connect_args={"timeout": 60, "check_same_thread": False},
             )
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
