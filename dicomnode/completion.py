@@ -43,16 +43,18 @@ def complete_due_studies(
 ) -> list[Completed]:
     """Mark every receiving study whose deadline has passed as complete."""
     now = now or utcnow()
+    due = (Study.state == StudyState.RECEIVING) & or_(
+        Study.quiet_until <= now, Study.force_complete_at <= now
+    )
+    # Look first without the write lock: most ticks find nothing, and on SQLite a
+    # write transaction would queue behind the receivers for no reason.
+    with db.read() as session:
+        if session.scalar(select(Study.id).where(due).limit(1)) is None:
+            return []
     done: list[Completed] = []
     with db.write() as session:
         studies = session.scalars(
-            select(Study)
-            .where(
-                Study.state == StudyState.RECEIVING,
-                or_(Study.quiet_until <= now, Study.force_complete_at <= now),
-            )
-            .order_by(Study.quiet_until)
-            .with_for_update(skip_locked=True)
+            select(Study).where(due).order_by(Study.quiet_until).with_for_update(skip_locked=True)
         ).all()
         for study in studies:
             reason = "quiet" if study.quiet_until <= now else "forced"

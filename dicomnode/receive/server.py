@@ -28,6 +28,7 @@ from dicomnode.receive.handlers import (
     handle_requested,
     handle_store,
 )
+from dicomnode.receive.reactor import EventDrivenRequestHandler
 from dicomnode.storage import InstanceStore
 
 log = logging.getLogger("dicomnode.receive")
@@ -124,6 +125,7 @@ class Receiver:
             evt_handlers=handlers,
             server_class=server_class,
             ssl_context=build_ssl_context(tls) if tls else None,
+            request_handler=EventDrivenRequestHandler,
         )
         self.ae._servers.append(self._server)
         self._thread = threading.Thread(

@@ -441,3 +441,24 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     result = node.cli("serve")
     assert result.returncode == 2
     assert "node.port" in result.stderr and "'eleven'" in result.stderr
+
+
+def test_idle_association_is_aborted_after_the_network_timeout(tmp_path: Path) -> None:
+    import time
+
+    from pynetdicom import AE
+
+    with running_node(tmp_path, receive={"network_timeout_s": 1}) as node:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert assoc.is_aborted
+        assert "network timeout" in node.log()
+        again = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert again.is_established
+        assert again.send_c_echo().Status == 0
+        again.release()
