@@ -1,4 +1,4 @@
-"""Lower-latency association threads for the receiver.
+"""Faster association threads for the receiver.
 
 pynetdicom's acceptor loop sleeps 1 ms before every look at its DIMSE message
 queue, and its DUL thread sleeps 1 ms whenever it finds nothing to do. With one
@@ -7,8 +7,11 @@ single association, which dominates the receive rate of CT-size instances.
 
 :class:`EventDrivenAssociation` waits on the message queue itself (it wakes up
 the moment a C-STORE request is complete) and the DUL thread polls with a
-shorter delay. Everything else is pynetdicom's own machinery. The request
-handler below makes the association server build these instead of the default.
+shorter delay. :class:`BulkReadSocket` reads each PDU with a few large
+``recv_into`` calls instead of pynetdicom's loop of 4 KiB reads (2,500 Python
+iterations for one 10 MB radiograph). Everything else is pynetdicom's own
+machinery. The request handler below makes the association server build these
+instead of the defaults.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import queue
 
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.transport import RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger("dicomnode.receive")
 
@@ -75,11 +78,30 @@ class EventDrivenAssociation(Association):
         return False
 
 
+class BulkReadSocket(AssociationSocket):
+    """An association socket that reads a PDU in as few system calls as possible."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read exactly ``nr_bytes`` (fewer only if the peer closed the connection)."""
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            count = self.socket.recv_into(view[received:], nr_bytes - received)  # type: ignore[union-attr]
+            if count == 0:
+                del view
+                return buffer[:received]
+            received += count
+        del view
+        return buffer
+
+
 class EventDrivenRequestHandler(RequestHandler):
-    """Builds :class:`EventDrivenAssociation` acceptors."""
+    """Builds :class:`EventDrivenAssociation` acceptors on :class:`BulkReadSocket` s."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         assoc.__class__ = EventDrivenAssociation
         assoc.dul._run_loop_delay = _DUL_LOOP_DELAY_S
+        assoc.dul.socket.__class__ = BulkReadSocket
         return assoc
