@@ -29,7 +29,7 @@ Receivers:
   ``+B``: the data set is written as received, no re-encoding).
 * Orthanc ``/usr/sbin/Orthanc`` with a generated configuration (SQLite index and
   storage in the temporary directory, no plugins, no authentication).
-* ``dicomnode serve`` with ``receive.processes`` = 1 and 4 (SQLite database,
+* ``dicomnode serve`` with ``receive.processes`` = 1, 2 and 4 (SQLite database,
   ``storage.min_free_mb = 0``, unknown callers allowed).
 
 Every receiver accepts PDUs of 64 KiB (the node's default ``max_pdu_size``), so
@@ -577,7 +577,7 @@ class NodeReceiver(Receiver):
         return log_problems(self.process.log, lambda line: any(m in line for m in markers))
 
 
-RECEIVER_KEYS = ("storescp", "orthanc", "node1", "node4")
+RECEIVER_KEYS = ("storescp", "orthanc", "node1", "node2", "node4")
 
 
 def make_receiver(key: str, workdir: Path) -> Receiver:
@@ -586,10 +586,8 @@ def make_receiver(key: str, workdir: Path) -> Receiver:
         return StorescpReceiver(workdir)
     if key == "orthanc":
         return OrthancReceiver(workdir)
-    if key == "node1":
-        return NodeReceiver(workdir, 1)
-    if key == "node4":
-        return NodeReceiver(workdir, 4)
+    if key.startswith("node") and key[4:].isdigit():
+        return NodeReceiver(workdir, int(key[4:]))
     raise ValueError(key)
 
 
@@ -597,6 +595,7 @@ ROW_LABELS = {
     "storescp": "storescp",
     "orthanc": "Orthanc",
     "node1": "node p=1",
+    "node2": "node p=2",
     "node4": "node p=4",
 }
 

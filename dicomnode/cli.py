@@ -41,8 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser(
-        "serve", parents=[common], help="receive studies (foreground; stop with SIGTERM)"
+        "serve",
+        parents=[common],
+        help="receive studies and run workers (foreground; stop with SIGTERM)",
     )
+    sub.add_parser(
+        "worker",
+        parents=[common],
+        help="run workers only (more hosts sharing one PostgreSQL database and storage)",
+    )
+    requeue = sub.add_parser(
+        "requeue", parents=[common], help="queue a study (or every failed study) again"
+    )
+    target = requeue.add_mutually_exclusive_group(required=True)
+    target.add_argument("study_instance_uid", nargs="?", metavar="STUDY_UID")
+    target.add_argument("--failed", action="store_true", help="every study whose analysis failed")
 
     status = sub.add_parser("status", parents=[common], help="recent studies and their state")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -80,14 +93,39 @@ def _cmd_config_check(settings: Settings) -> int:
 def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
     from dicomnode.db import Database
     from dicomnode.index import recent_studies
+    from dicomnode.queue import queue_status
 
     db = Database(settings.database.url)
     db.migrate()
     studies = recent_studies(db, limit=limit)
+    queue = queue_status(db, limit=limit)
     if as_json:
-        json.dump({"studies": [s.as_json() for s in studies]}, sys.stdout, indent=2)
+        json.dump({"studies": [s.as_json() for s in studies], **queue}, sys.stdout, indent=2)
         print()
         return EXIT_OK
+    jobs = queue["jobs"]
+    print(
+        "jobs: "
+        + ", ".join(f"{n} {status}" for status, n in jobs.items())
+        + " | deliveries: "
+        + ", ".join(f"{n} {status}" for status, n in queue["deliveries"].items())
+    )
+    for job in queue["running"]:
+        print(
+            f"  running  {job['study_instance_uid']} on {job['worker']} since {job['started_at']}"
+        )
+    for job in queue["failed"]:
+        print(
+            f"  failed   {job['study_instance_uid']} after {job['attempts']} attempt(s): "
+            f"{job['reason']}"
+        )
+    for item in queue["undelivered"]:
+        print(
+            f"  {item['status']:<8} {item['sop_instance_uid']} -> {item['destination']} "
+            f"(attempts {item['attempts']}, last status {item['last_status']}, "
+            f"{item['last_error'] or 'no error yet'})"
+        )
+    print()
     if not studies:
         print("no studies received yet")
         return EXIT_OK
@@ -98,6 +136,22 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
             f"{s.last_received_at:%Y-%m-%d %H:%M:%S}  {s.study_instance_uid}"
             + (f"  ({s.reason})" if s.reason else "")
         )
+    return EXIT_OK
+
+
+def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int:
+    from dicomnode.db import Database
+    from dicomnode.queue import requeue
+
+    db = Database(settings.database.url)
+    db.migrate()
+    queued = requeue(db, settings.queue, study_instance_uid=study_uid, failed=failed)
+    for uid in queued:
+        print(f"queued {uid}")
+    if not queued:
+        what = study_uid or "failed studies"
+        print(f"nothing queued: no {what} that is complete and not already queued or running")
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -122,10 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             Database(settings.database.url).migrate()
             print("database is at the newest schema")
             return EXIT_OK
+        if args.command == "requeue":
+            return _cmd_requeue(settings, args.study_instance_uid, args.failed)
         if args.command == "serve":
             from dicomnode.serve import serve
 
             return serve(settings)
+        if args.command == "worker":
+            from dicomnode.serve import work
+
+            return work(settings)
     except DicomNodeError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -114,6 +114,51 @@ class CompletionSettings:
 
 
 @dataclass(frozen=True)
+class PriorityRule:
+    """One ``[[queue.priority]]`` rule: studies matching every given field get ``priority``."""
+
+    priority: int
+    calling_ae_title: str | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    series_description: str | None = None
+
+    #: Rule fields and the index columns (of instance or series) they compare with.
+    FIELDS = ("calling_ae_title", "modality", "body_part_examined", "series_description")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """``[queue]``: analysis jobs."""
+
+    max_attempts: int = 3
+    retry_backoff_s: float = 30.0
+    retry_backoff_max_s: float = 3600.0
+    heartbeat_interval_s: float = 5.0
+    stalled_after_s: float = 60.0
+    poll_interval_s: float = 0.5
+    priorities: tuple[PriorityRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """``[worker]``: who runs the jobs."""
+
+    processes: int = 1
+    threads: int = 1
+    pipeline: str = "placeholder"
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """``[outbox]``: retries of result deliveries."""
+
+    retry_backoff_s: float = 10.0
+    retry_backoff_max_s: float = 600.0
+    max_age_s: float = 86400.0
+
+
+@dataclass(frozen=True)
 class DestinationSettings:
     """One ``[[destinations]]`` entry: a PACS the results are sent to."""
 
@@ -134,11 +179,19 @@ class Settings:
     receive: ReceiveSettings
     completion: CompletionSettings
     destinations: tuple[DestinationSettings, ...]
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
 
     @property
     def instances_dir(self) -> Path:
         """Root directory of the stored instance files."""
         return self.node.data_dir / "instances"
+
+    @property
+    def results_dir(self) -> Path:
+        """Root directory of the result objects the node produces."""
+        return self.node.data_dir / "results"
 
     @property
     def incoming_dir(self) -> Path:
@@ -156,6 +209,8 @@ class _Reader:
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
+        if not name:
+            return self.path
         return f"{self.path}.{name}" if self.path else name
 
     def problem(self, name: str, message: str) -> None:
@@ -438,6 +493,72 @@ def _parse_destinations(root: _Reader) -> tuple[DestinationSettings, ...]:
     return tuple(out)
 
 
+def _parse_queue(root: _Reader) -> QueueSettings:
+    r = _Reader(_table(root, "queue"), "queue", root.problems)
+    d = QueueSettings()
+    rules = []
+    for i, item in _tables(r, "priority"):
+        p = _Reader(item, f"queue.priority[{i}]", root.problems)
+        priority = p.number("priority", int, None, -1000, 1000)
+        if priority is None and "priority" not in item:
+            p.problem("priority", "is required (an integer; higher runs first)")
+        matches = {name: p.get(name, str, None) for name in PriorityRule.FIELDS}
+        if not any(matches.values()):
+            p.problem("", f"needs at least one of {', '.join(PriorityRule.FIELDS)}")
+        p.check_unknown()
+        if priority is not None:
+            rules.append(PriorityRule(priority=priority, **matches))
+    s = QueueSettings(
+        max_attempts=r.number("max_attempts", int, d.max_attempts, 1, 100),
+        retry_backoff_s=r.number("retry_backoff_s", float, d.retry_backoff_s, 0),
+        retry_backoff_max_s=r.number("retry_backoff_max_s", float, d.retry_backoff_max_s, 0),
+        heartbeat_interval_s=r.number(
+            "heartbeat_interval_s", float, d.heartbeat_interval_s, 0.1, 3600
+        ),
+        stalled_after_s=r.number("stalled_after_s", float, d.stalled_after_s, 1),
+        poll_interval_s=r.number("poll_interval_s", float, d.poll_interval_s, 0.05, 60),
+        priorities=tuple(rules),
+    )
+    r.check_unknown()
+    if s.stalled_after_s < 2 * s.heartbeat_interval_s:
+        root.problems.append(
+            (
+                "queue.stalled_after_s",
+                f"must be at least twice queue.heartbeat_interval_s "
+                f"({s.heartbeat_interval_s}), got {s.stalled_after_s!r}",
+            )
+        )
+    return s
+
+
+def _parse_worker(root: _Reader) -> WorkerSettings:
+    r = _Reader(_table(root, "worker"), "worker", root.problems)
+    d = WorkerSettings()
+    pipeline = r.get("pipeline", str, d.pipeline)
+    if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", pipeline):
+        r.problem("pipeline", f"must be a pipeline name or module:callable, got {pipeline!r}")
+        pipeline = d.pipeline
+    s = WorkerSettings(
+        processes=r.number("processes", int, d.processes, 0, 64),
+        threads=r.number("threads", int, d.threads, 1, 64),
+        pipeline=pipeline,
+    )
+    r.check_unknown()
+    return s
+
+
+def _parse_outbox(root: _Reader) -> OutboxSettings:
+    r = _Reader(_table(root, "outbox"), "outbox", root.problems)
+    d = OutboxSettings()
+    s = OutboxSettings(
+        retry_backoff_s=r.number("retry_backoff_s", float, d.retry_backoff_s, 0),
+        retry_backoff_max_s=r.number("retry_backoff_max_s", float, d.retry_backoff_max_s, 0),
+        max_age_s=r.number("max_age_s", float, d.max_age_s, 1),
+    )
+    r.check_unknown()
+    return s
+
+
 def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Settings:
     """Validate a parsed TOML document; raise :class:`ConfigError` listing every problem."""
     problems: list[tuple[str, str]] = []
@@ -451,6 +572,9 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         receive=_parse_receive(root, base_dir),
         completion=_parse_completion(root),
         destinations=_parse_destinations(root),
+        queue=_parse_queue(root),
+        worker=_parse_worker(root),
+        outbox=_parse_outbox(root),
     )
     root.check_unknown()
     if problems:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from dicomnode.config import CompletionSettings
-from dicomnode.db import Database, Instance, Series, Study, StudyState
+from dicomnode.db import Database, Instance, Job, JobStatus, Series, Study, StudyState
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class RecordOutcome:
 
 
 _STUDY = Study.__table__
+#: A new instance in a study in these states joins the analysis whatever the policy.
+_NOT_YET_ANALYSED = (StudyState.COMPLETE, StudyState.QUEUED)
 _SERIES = Series.__table__
 _INSTANCE = Instance.__table__
 
@@ -83,6 +85,11 @@ def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: st
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=[key]))
+
+
+def discard_queued(session: Session, study_id: int) -> None:
+    """Drop a study's queued (not yet running) analysis: new instances arrived for it."""
+    session.execute(delete(Job).where(Job.study_id == study_id, Job.status == JobStatus.QUEUED))
 
 
 def _study_row(
@@ -201,7 +208,11 @@ def record_instance(
         state = study.state
         if state == StudyState.RECEIVING:
             changes["quiet_until"] = max(study.quiet_until, now + quiet)
-        elif existing is None and completion.late_instance_policy == "reprocess":
+        elif existing is None and (
+            state in _NOT_YET_ANALYSED or completion.late_instance_policy == "reprocess"
+        ):
+            # Analyse the study again once it is quiet, with the new instance in it.
+            discard_queued(session, study.id)
             reopened = True
             state = StudyState.RECEIVING
             changes.update(
@@ -220,7 +231,7 @@ def record_instance(
         session.execute(update(_STUDY).where(_STUDY.c.id == study.id).values(**changes))
 
     if reopened:
-        log.info("late instance re-opened completed study %s", meta.StudyInstanceUID)
+        log.info("new instance re-opened %s study %s", study.state, meta.StudyInstanceUID)
     elif existing is None and state != StudyState.RECEIVING:
         log.info(
             "late instance stored in study %s, left %s (late_instance_policy = ignore)",

@@ -1,10 +1,16 @@
-"""``dicomnode serve``: the process wiring of the node.
+"""``dicomnode serve`` and ``dicomnode worker``: the process wiring of the node.
 
-The main process migrates the database, cleans up after a crash, runs the
-completion check, and either receives itself (``receive.processes = 1``) or
-supervises that many receiver processes sharing the port. SIGTERM or SIGINT
-stops accepting associations, lets those in flight finish (up to
-``receive.shutdown_grace_s``) and exits 0.
+``serve``: the main process migrates the database, cleans up after a crash and
+runs the completion check (which queues an analysis for each complete study).
+It receives itself when ``receive.processes = 1``, or supervises that many
+receiver processes sharing the port; and it supervises ``worker.processes``
+worker processes of ``worker.threads`` workers each. SIGTERM or SIGINT stops
+accepting associations, lets those in flight finish (up to
+``receive.shutdown_grace_s``), lets running jobs finish or hands them back, and
+exits 0.
+
+``worker``: workers alone, for more hosts sharing one PostgreSQL database and
+one storage.
 """
 
 from __future__ import annotations
@@ -15,21 +21,27 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from dicomnode.completion import CompletionScheduler
 from dicomnode.config import Settings
-from dicomnode.db import Database
+from dicomnode.db import Database, Study, utcnow
 from dicomnode.errors import DicomNodeError
 from dicomnode.logs import configure_logging
+from dicomnode.pipelines import load_pipeline
+from dicomnode.queue import enqueue
 from dicomnode.receive.server import Receiver
 from dicomnode.storage import InstanceStore
+from dicomnode.worker import Worker
 
 log = logging.getLogger("dicomnode.serve")
 
-#: A receiver process that dies this soon after starting counts as a failed start.
+#: A child process that dies this soon after starting counts as a failed start.
 _FAST_FAILURE_S = 5.0
 _MAX_FAST_FAILURES = 3
 
@@ -39,6 +51,11 @@ def make_store(settings: Settings) -> InstanceStore:
     return InstanceStore(
         settings.instances_dir, settings.incoming_dir, settings.storage.min_free_mb * 2**20
     )
+
+
+def make_results_store(settings: Settings) -> InstanceStore:
+    """Where the node's own result objects are written before they are sent."""
+    return InstanceStore(settings.results_dir, settings.incoming_dir, 0)
 
 
 def _install_stop_signals(stop: threading.Event) -> None:
@@ -82,56 +99,96 @@ def _receiver_main(settings: Settings, index: int, ready: Any) -> None:
     db.dispose()
 
 
+def run_workers(settings: Settings, stop: threading.Event, ready: Any = None) -> int:
+    """Load the pipeline once, run ``worker.threads`` workers until ``stop``; return jobs done."""
+    db = Database(settings.database.url)
+    pipeline = load_pipeline(settings.worker.pipeline)
+    pipeline.load()
+    results = make_results_store(settings)
+    results.prepare()
+    instances = make_store(settings)
+    workers = [
+        Worker(settings, db, pipeline, results, instances, name=f"w{i}")
+        for i in range(settings.worker.threads)
+    ]
+    threads = [
+        threading.Thread(target=w.run, args=(stop,), name=f"worker-{i}")
+        for i, w in enumerate(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    if ready is not None:
+        ready.set()
+    for thread in threads:
+        thread.join()
+    db.dispose()
+    return sum(w.jobs_done for w in workers)
+
+
+def _worker_main(settings: Settings, index: int, ready: Any) -> None:
+    """Entry point of one worker process."""
+    configure_logging(settings.node.log_level)
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    run_workers(settings, stop, ready)
+
+
 class _Supervisor:
-    """Keeps ``receive.processes`` receiver processes running."""
+    """Keeps child processes (receivers, workers) running; restarts those that die."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ctx = multiprocessing.get_context("spawn")
-        self.children: dict[int, tuple[BaseProcess, float]] = {}
+        self.children: dict[str, tuple[BaseProcess, float, Callable[..., None]]] = {}
         self.fast_failures = 0
 
-    def start(self, index: int, timeout_s: float = 60) -> None:
-        """Start receiver ``index`` and wait until it listens."""
+    def start(
+        self, name: str, target: Callable[[Settings, int, Any], None], timeout_s: float = 120
+    ) -> None:
+        """Start child ``name`` running ``target`` and wait until it says it is ready."""
         ready = self.ctx.Event()
+        index = int(name.rsplit("-", 1)[1])
         proc = self.ctx.Process(
-            target=_receiver_main,
-            args=(self.settings, index, ready),
-            name=f"receiver-{index}",
-            daemon=False,
+            target=target, args=(self.settings, index, ready), name=name, daemon=False
         )
         proc.start()
-        self.children[index] = (proc, time.monotonic())
+        self.children[name] = (proc, time.monotonic(), target)
         deadline = time.monotonic() + timeout_s
         while not ready.wait(0.1):
             if not proc.is_alive() or time.monotonic() > deadline:
-                raise DicomNodeError(
-                    f"receiver process {index} failed to start (exit code {proc.exitcode})"
-                )
+                raise DicomNodeError(f"{name} failed to start (exit code {proc.exitcode})")
 
     def check(self) -> None:
         """Restart children that died; give up after repeated failed starts."""
-        for index, (proc, started) in list(self.children.items()):
+        for name, (proc, started, target) in list(self.children.items()):
             if proc.is_alive():
                 continue
-            log.error("receiver %d exited with code %s; restarting", index, proc.exitcode)
+            log.error("%s exited with code %s; restarting it", name, proc.exitcode)
             if time.monotonic() - started < _FAST_FAILURE_S:
                 self.fast_failures += 1
                 if self.fast_failures >= _MAX_FAST_FAILURES:
-                    raise DicomNodeError("receiver processes keep failing at start; see the log")
-            self.start(index)
+                    raise DicomNodeError("child processes keep failing at start; see the log")
+            self.start(name, target)
 
     def stop(self, grace_s: float) -> None:
-        for proc, _ in self.children.values():
-            if proc.is_alive() and proc.pid is not None:
-                proc.terminate()  # SIGTERM: graceful stop in the child
+        """SIGTERM every child, wait up to ``grace_s`` (+5 s), then kill what is left."""
+        for proc, _, _ in self.children.values():
+            if proc.is_alive():
+                proc.terminate()
         deadline = time.monotonic() + grace_s + 5
-        for proc, _ in self.children.values():
+        for proc, _, _ in self.children.values():
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                log.warning("receiver %s did not stop in time; killing it", proc.name)
+                log.warning("%s did not stop in time; killing it", proc.name)
                 proc.kill()
                 proc.join()
+
+
+def _enqueue_hook(settings: Settings) -> Callable[[Session, Study], None]:
+    def on_complete(session: Session, study: Study) -> None:
+        enqueue(session, study, settings.queue, utcnow())
+
+    return on_complete
 
 
 def serve(settings: Settings) -> int:
@@ -145,43 +202,64 @@ def serve(settings: Settings) -> int:
     db.migrate()
     store = make_store(settings)
     store.prepare()
+    make_results_store(settings).prepare()
     removed = store.clean_incoming()
     if removed:
         log.warning("removed %d partial file(s) left by an earlier stop", removed)
     _check_port_free(node.bind, node.port)
 
-    completion = CompletionScheduler(db, settings.completion.check_interval_s)
+    completion = CompletionScheduler(
+        db, settings.completion.check_interval_s, on_complete=_enqueue_hook(settings)
+    )
     processes = settings.receive.processes
     receiver: Receiver | None = None
-    supervisor: _Supervisor | None = None
+    supervisor = _Supervisor(settings)
     try:
         if processes == 1:
             receiver = Receiver(settings, db, store, 1)
             receiver.start()
         else:
-            supervisor = _Supervisor(settings)
             for index in range(processes):
-                supervisor.start(index)
+                supervisor.start(f"receiver-{index}", _receiver_main)
+        for index in range(settings.worker.processes):
+            supervisor.start(f"worker-{index}", _worker_main)
         completion.start()
         log.info(
-            "dicomnode %s listening on %s:%d (%d receiving process%s), data in %s",
+            "dicomnode %s listening on %s:%d (%d receiving process%s, %d worker process%s), "
+            "data in %s",
             node.ae_title,
             node.bind,
             node.port,
             processes,
             "" if processes == 1 else "es",
+            settings.worker.processes,
+            "" if settings.worker.processes == 1 else "es",
             node.data_dir,
         )
         while not stop.wait(0.5):
-            if supervisor is not None:
-                supervisor.check()
+            supervisor.check()
     finally:
         grace = settings.receive.shutdown_grace_s
         if receiver is not None:
             receiver.stop(grace)
-        if supervisor is not None:
-            supervisor.stop(grace)
+        supervisor.stop(grace)
         completion.stop()
         db.dispose()
     log.info("dicomnode stopped")
+    return 0
+
+
+def work(settings: Settings) -> int:
+    """``dicomnode worker``: run workers in the foreground until SIGTERM or SIGINT."""
+    configure_logging(settings.node.log_level)
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    Database(settings.database.url).migrate()
+    log.info(
+        "dicomnode worker: %d thread(s), pipeline %s",
+        settings.worker.threads,
+        settings.worker.pipeline,
+    )
+    done = run_workers(settings, stop)
+    log.info("dicomnode worker stopped after %d job(s)", done)
     return 0

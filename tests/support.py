@@ -216,11 +216,17 @@ def write_config(folder: Path, port: int, **sections: dict[str, Any]) -> Path:
         "storage": {"min_free_mb": 0},
         "receive": {"allow_unknown_callers": False, "shutdown_grace_s": 10},
         "completion": {"force_complete_s": 600, "check_interval_s": 0.2},
+        "queue": {"poll_interval_s": 0.1, "heartbeat_interval_s": 0.5, "stalled_after_s": 3},
+        "worker": {"processes": 0},
     }
     quiet = {"CR": 1.5, "DX": 1.5, "CT": 2.0, "default": 2.0}
     quiet.update(sections.pop("quiet_period_s", {}))
+    arrays: dict[str, list[dict[str, Any]]] = {}
     for name, values in sections.items():
-        config.setdefault(name, {}).update(values)
+        if isinstance(values, list):
+            arrays[name] = values
+        else:
+            config.setdefault(name, {}).update(values)
     lines: list[str] = []
     for name, values in config.items():
         lines.append(f"[{name}]")
@@ -230,10 +236,18 @@ def write_config(folder: Path, port: int, **sections: dict[str, Any]) -> Path:
     lines += [f"{k} = {_toml(v)}" for k, v in quiet.items()]
     for title in ("STORESCU", "ECHOSCU"):
         lines += ["", "[[receive.callers]]", f'ae_title = "{title}"', 'host = "127.0.0.1"']
+    for name, tables in arrays.items():
+        for table in tables:
+            lines += ["", f"[[{name}]]"] + [f"{k} = {_toml(v)}" for k, v in table.items()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def is_complete(study: dict[str, Any]) -> bool:
+    """Whether ``status --json`` shows the study past its quiet period (complete or later)."""
+    return study["state"] != "receiving" and study["completed_at"] is not None
 
 
 def _toml(value: Any) -> str:
@@ -269,7 +283,7 @@ class NodeProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.config.parent,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", **self.env),
+            env=node_env(self.env),
         )
         log.close()
         self.wait_ready(timeout)
@@ -334,6 +348,13 @@ class NodeProcess:
             time.sleep(0.3)
         summary = {uid: (s["state"], s["instances"]) for uid, s in studies.items()}
         raise AssertionError(f"timed out waiting for {what}; studies: {summary}")
+
+
+def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for node subprocesses: unbuffered, and the test fixtures importable."""
+    tests_dir = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(extra or {}))
 
 
 def _children(pid: int) -> list[int]:

@@ -19,6 +19,8 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -69,7 +71,34 @@ class StudyState(enum.StrEnum):
     RECEIVING = "receiving"
     """Instances are arriving; the quiet period has not passed yet."""
     COMPLETE = "complete"
-    """The quiet period (or the force-complete age) has passed; ready for analysis."""
+    """The quiet period (or the force-complete age) has passed."""
+    QUEUED = "queued"
+    """Complete, and an analysis job waits for a worker."""
+    PROCESSING = "processing"
+    """A worker runs the analysis."""
+    DONE = "done"
+    """Analysed; its result objects are in the outbox."""
+    SKIPPED = "skipped"
+    """Nothing to analyse (e.g. no frontal chest image); ``reason`` says why."""
+    FAILED = "failed"
+    """The analysis failed after every attempt; ``reason`` holds the last error."""
+
+
+class JobStatus(enum.StrEnum):
+    """A job's status; stored as text."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryStatus(enum.StrEnum):
+    """An outbox row's status; stored as text."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
 
 
 class Study(Base):
@@ -148,3 +177,79 @@ class Instance(Base):
     """Relative to the instance storage root."""
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """A unit of work for a worker: one analysis of one study.
+
+    At most one queued and one running job per study, enforced by partial
+    unique indexes (not by hope).
+    """
+
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Attempts that ran to an end (success or an error) or are running now."""
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    stalls: Mapped[int] = mapped_column(Integer, default=0)
+    """Times a worker died or froze while running the job (power cuts, crashes)."""
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime())
+    worker: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[str | None] = mapped_column(Text)
+    """What the pipeline reported (JSON), for ``status`` and audits."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index(
+            "uq_job_study_queued",
+            "study_id",
+            unique=True,
+            sqlite_where=text("status = 'queued'"),
+            postgresql_where=text("status = 'queued'"),
+        ),
+        Index(
+            "uq_job_study_running",
+            "study_id",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+        Index("ix_job_status_priority", "status", "priority", "run_after"),
+    )
+
+
+class Delivery(Base):
+    """Outbox: one result object to one destination, with its retry bookkeeping."""
+
+    __tablename__ = "delivery"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(255))
+    """Relative to the results directory."""
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    """The DICOM status of the last C-STORE response, when there was one."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "destination"),
+        Index("ix_delivery_status_next_attempt_at", "status", "next_attempt_at"),
+    )

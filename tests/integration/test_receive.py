@@ -17,6 +17,7 @@ from support import (
     dcmtk,
     dicom_files,
     free_port,
+    is_complete,
     make_instance,
     pynetdicom_store,
     running_node,
@@ -110,9 +111,7 @@ def test_every_shared_file_is_stored_byte_identical_indexed_and_completed(
         # dicom_cxr holds one image twice (MONOCHROME1 and 2 copies share a SOP Instance UID).
         duplicates = len(dcmtk_files) - len(sent)
         studies = node.wait_for(
-            lambda s: (
-                len(s) == len(expected) + 1 and all(v["state"] == "complete" for v in s.values())
-            ),
+            lambda s: len(s) == len(expected) + 1 and all(is_complete(v) for v in s.values()),
             timeout=30,
             what="every study complete",
         )
@@ -273,7 +272,7 @@ def test_kill_9_during_quiet_period_then_restart_completes(tmp_path: Path) -> No
         node.kill()
         node.start()
         studies = node.wait_for(
-            lambda s: s.get(study, {}).get("state") == "complete", 30, "study complete"
+            lambda s: study in s and is_complete(s[study]), 30, "study complete"
         )
         assert studies[study]["instances"] == 3
 
@@ -388,7 +387,7 @@ def test_logs_carry_no_patient_names_or_ids(tmp_path: Path) -> None:
         ]
         [run] = storescu(files, node.port)
         assert run.returncode == 0
-        node.wait_for(lambda s: s.get(study, {}).get("state") == "complete", 30, "complete")
+        node.wait_for(lambda s: study in s and is_complete(s[study]), 30, "complete")
         log = node.log()
         assert study in log  # the log does talk about the study...
         assert "Secretname" not in log and "PID-SECRET-4242" not in log  # ...never the patient
@@ -429,7 +428,7 @@ def test_node_on_postgresql(tmp_path: Path, postgres: object) -> None:
         [run] = storescu(files, node.port)
         assert run.returncode == 0
         studies = node.wait_for(
-            lambda s: s.get(study, {}).get("state") == "complete", 30, "complete on PostgreSQL"
+            lambda s: study in s and is_complete(s[study]), 30, "complete on PostgreSQL"
         )
         assert studies[study]["instances"] == 2
 

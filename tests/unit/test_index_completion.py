@@ -6,7 +6,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dicomnode.completion import complete_due_studies
 from dicomnode.config import CompletionSettings
@@ -112,11 +112,13 @@ def test_late_instance_policy(db: Database, policy: str) -> None:
     t0 = utcnow()
     record_instance(db, _meta("4.1", "4.1.1", "4.1.1.1", "CR"), _prov("f"), settings, t0)
     complete_due_studies(db, t0 + timedelta(seconds=11))
+    with db.write() as s:  # the analysis ran
+        s.execute(update(Study).values(state=StudyState.DONE))
     # The same instance again is a duplicate and never re-opens the study.
     dup = record_instance(
         db, _meta("4.1", "4.1.1", "4.1.1.1", "CR"), _prov("f"), settings, t0 + timedelta(seconds=20)
     )
-    assert dup.duplicate and not dup.reopened and dup.study_state == StudyState.COMPLETE
+    assert dup.duplicate and not dup.reopened and dup.study_state == StudyState.DONE
     late = record_instance(
         db, _meta("4.1", "4.1.1", "4.1.1.2", "CR"), _prov("g"), settings, t0 + timedelta(seconds=30)
     )
@@ -127,9 +129,23 @@ def test_late_instance_policy(db: Database, policy: str) -> None:
         with db.read() as s:
             assert s.scalars(select(Study.reopened_count)).one() == 1
     else:
-        assert not late.reopened and late.study_state == StudyState.COMPLETE
+        assert not late.reopened and late.study_state == StudyState.DONE
     [summary] = recent_studies(db)
     assert summary.instances == 2
+
+
+def test_new_instance_before_analysis_always_rejoins_the_study(db: Database) -> None:
+    """Complete but not analysed yet: a new instance re-opens it even with policy 'ignore'."""
+    settings = CompletionSettings(
+        quiet_period_s=COMPLETION.quiet_period_s, late_instance_policy="ignore"
+    )
+    t0 = utcnow()
+    record_instance(db, _meta("7.1", "7.1.1", "7.1.1.1", "CR"), _prov("h"), settings, t0)
+    complete_due_studies(db, t0 + timedelta(seconds=11))
+    late = record_instance(
+        db, _meta("7.1", "7.1.1", "7.1.1.2", "CR"), _prov("i"), settings, t0 + timedelta(seconds=12)
+    )
+    assert late.reopened and late.study_state == StudyState.RECEIVING
 
 
 def test_concurrent_writers_index_everything_once(db: Database) -> None:
