@@ -103,7 +103,7 @@ class CompletionSettings:
         default_factory=lambda: {"CR": 10.0, "DX": 10.0, "CT": 60.0, "OT": 10.0, "default": 30.0}
     )
     force_complete_s: float = 3600.0
-    check_interval_s: float = 1.0
+    check_interval_s: float = 0.5
     late_instance_policy: str = "reprocess"
 
     def quiet_period_for(self, modality: str | None) -> float:
@@ -136,7 +136,7 @@ class QueueSettings:
     retry_backoff_max_s: float = 3600.0
     heartbeat_interval_s: float = 5.0
     stalled_after_s: float = 60.0
-    poll_interval_s: float = 0.5
+    poll_interval_s: float = 0.25
     priorities: tuple[PriorityRule, ...] = ()
 
 

@@ -101,3 +101,38 @@ def test_container_config_is_valid() -> None:
     settings = load_settings(REPO_ROOT / "deploy" / "config.container.toml")
     assert settings.node.bind == "0.0.0.0"
     assert settings.database.url.startswith("postgresql+psycopg://")
+
+
+def test_queue_and_worker_mistakes_are_named(tmp_path: Path) -> None:
+    problems = _problems(
+        {
+            "receive": {"allow_unknown_callers": True},
+            "queue": {
+                "heartbeat_interval_s": 10,
+                "stalled_after_s": 15,
+                "priority": [{"priority": 5}, {"modality": "CT"}],
+            },
+            "worker": {"pipeline": "not a pipeline!", "threads": 0},
+            "outbox": {"max_age_s": 0},
+        },
+        tmp_path,
+    )
+    assert "twice" in problems["queue.stalled_after_s"]
+    assert "at least one of" in problems["queue.priority[0]"]
+    assert "required" in problems["queue.priority[1].priority"]
+    assert "'not a pipeline!'" in problems["worker.pipeline"]
+    assert "0" in problems["worker.threads"]
+    assert "0" in problems["outbox.max_age_s"]
+
+
+def test_priority_rules_are_parsed(tmp_path: Path) -> None:
+    settings = parse_settings(
+        {
+            "receive": {"allow_unknown_callers": True},
+            "queue": {"priority": [{"priority": 10, "calling_ae_title": "ER_CT"}]},
+        },
+        base_dir=tmp_path,
+        source=None,
+    )
+    [rule] = settings.queue.priorities
+    assert rule.priority == 10 and rule.calling_ae_title == "ER_CT" and rule.modality is None

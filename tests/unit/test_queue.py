@@ -58,7 +58,9 @@ def db(db_url: str) -> Database:
     return database
 
 
-def _complete_studies(db: Database, n: int, modality: str = "CR", prefix: str = "9") -> list[str]:
+def _complete_studies(
+    db: Database, n: int, modality: str = "CR", prefix: str = "9", queue: QueueSettings = QUEUE
+) -> list[str]:
     """Receive ``n`` one-instance studies and complete them (queueing one job each)."""
     t0 = utcnow()
     uids = []
@@ -77,7 +79,7 @@ def _complete_studies(db: Database, n: int, modality: str = "CR", prefix: str = 
     complete_due_studies(
         db,
         t0 + timedelta(seconds=2),
-        on_complete=lambda s, study: enqueue(s, study, QUEUE, t0),
+        on_complete=lambda s, study: enqueue(s, study, queue, t0),
     )
     return uids
 
@@ -137,15 +139,14 @@ def test_claims_are_atomic_under_concurrency(db: Database) -> None:
 def test_priority_rules_order_claims(db: Database) -> None:
     rules = (
         PriorityRule(priority=10, modality="CT"),
-        PriorityRule(priority=5, calling_ae_title="ER"),
+        PriorityRule(priority=5, calling_ae_title="mod"),  # matched case-insensitively
     )
-    _complete_studies(db, 3, modality="CR", prefix="1")
-    _complete_studies(db, 2, modality="CT", prefix="2")
-    with db.write() as s:  # re-derive priorities with the rules (as enqueue would)
-        from dicomnode.queue import study_priority
-
-        for job in s.scalars(select(Job)):
-            job.priority = study_priority(s, job.study_id, rules)
+    queue = QueueSettings(priorities=rules)
+    _complete_studies(db, 3, modality="CR", prefix="1", queue=queue)
+    _complete_studies(db, 2, modality="CT", prefix="2", queue=queue)
+    with db.read() as s:
+        priorities = sorted(s.scalars(select(Job.priority)).all())
+    assert priorities == [5, 5, 5, 10, 10]
     first = [claim(db, "w").study_instance_uid for _ in range(2)]  # type: ignore[union-attr]
     assert sorted(first) == ["2.1", "2.2"]
 
