@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import exists, func, select, text, update
+from sqlalchemy import case, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
@@ -162,27 +162,31 @@ class ClaimedJob:
 
 
 def claim(db: Database, worker: str, now: datetime | None = None) -> ClaimedJob | None:
-    """Take the most urgent runnable job, atomically; None when there is none."""
+    """Take the most urgent runnable job, atomically; None when there is none.
+
+    Two statements: an UPDATE of the chosen job (chosen by a locking sub-select,
+    ``SKIP LOCKED`` on PostgreSQL) with RETURNING, and the study's state change.
+    """
     now = now or utcnow()
     running = aliased(Job)
     candidate = (
-        select(Job.id, Job.study_id)
+        select(Job.id)
         .where(
             Job.status == JobStatus.QUEUED,
             Job.run_after <= now,
-            ~exists().where(running.study_id == Job.study_id, running.status == JobStatus.RUNNING),
+            ~exists().where(
+                running.study_id == Job.study_id, running.status == JobStatus.RUNNING
+            ),
         )
         .order_by(Job.priority.desc(), Job.run_after, Job.id)
         .limit(1)
         .with_for_update(skip_locked=True, of=Job)
+        .scalar_subquery()
     )
     with db.write() as session:
-        row = session.execute(candidate).first()
-        if row is None:
-            return None
-        session.execute(
+        job = session.execute(
             update(Job)
-            .where(Job.id == row.id)
+            .where(Job.id == candidate, Job.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.RUNNING,
                 worker=worker,
@@ -190,19 +194,22 @@ def claim(db: Database, worker: str, now: datetime | None = None) -> ClaimedJob 
                 started_at=now,
                 attempts=Job.attempts + 1,
             )
-        )
-        session.execute(
-            update(Study)
-            .where(Study.id == row.study_id, Study.state == StudyState.QUEUED)
-            .values(state=StudyState.PROCESSING)
-        )
-        job = session.execute(
-            select(
+            .returning(
                 Job.id, Job.kind, Job.study_id, Job.attempts, Job.max_attempts, Job.priority
-            ).where(Job.id == row.id)
-        ).one()
+            )
+        ).first()
+        if job is None:
+            return None
         uid = session.execute(
-            select(Study.study_instance_uid).where(Study.id == row.study_id)
+            update(Study)
+            .where(Study.id == job.study_id)
+            .values(
+                state=case(
+                    (Study.state == StudyState.QUEUED, StudyState.PROCESSING.value),
+                    else_=Study.state,
+                )
+            )
+            .returning(Study.study_instance_uid)
         ).scalar_one()
     return ClaimedJob(
         id=job.id,

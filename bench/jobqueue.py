@@ -3,19 +3,20 @@
 
 Usage::
 
-    python3 bench/queue.py            # 400 jobs per cell
-    python3 bench/queue.py --quick    # 100 jobs per cell
+    python3 bench/jobqueue.py            # 400 jobs per cell
+    python3 bench/jobqueue.py --quick    # 100 jobs per cell
 
 For SQLite and for a PostgreSQL server started here (``initdb`` + ``pg_ctl`` on a
-free loopback port), with 1 and 4 workers (threads, each with its own claims):
+free loopback port), with 1 and 4 workers:
 
-* **claim throughput**: N studies are queued at once; the workers claim and finish
-  them with an empty pipeline. Reported: jobs/s, and the median and p95 duration
+* **claim throughput**: N studies are queued at once; worker processes claim and
+  finish them with an empty pipeline (timed from a common start signal, after
+  every process has imported and connected). Reported: jobs/s, and the median and p95 duration
   of one ``claim()`` call (the per-job overhead of the queue).
 * **completion-to-claim wait**: studies arrive one by one (every 20 ms) with a
   0.2 s quiet period; the node's own completion scheduler (APScheduler, default
   ``completion.check_interval_s``) queues them and the workers' poll loop
-  (default ``queue.poll_interval_s``) claims them. Reported: median and p95 of
+  (default ``queue.poll_interval_s``; worker threads here) claims them. Reported: median and p95 of
   claim time minus the moment the quiet period ended (``study.quiet_until``).
 
 Prints a table and writes it to ``bench/RESULTS.md`` under ``## queue``.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import multiprocessing
 import os
 import platform
 import shutil
@@ -36,6 +38,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -98,23 +101,51 @@ def _workers(db: Database, count: int, stop: threading.Event, claims: list[float
     return threads
 
 
-def throughput(db: Database, jobs: int, workers: int) -> tuple[float, float, float]:
-    """jobs/s, median and p95 claim duration (ms)."""
+def _claim_process(url: str, name: str, ready: Any, go: Any, out: Any) -> None:
+    """One worker process: claim and finish until the queue is empty; report durations."""
+    db = Database(url)
+    claim(db, "warm-up:0:none", now=utcnow() - dt.timedelta(days=365))  # connect, compile
+    ready.set()
+    go.wait()
+    durations = []
+    while True:
+        started = time.perf_counter()
+        job = claim(db, name)
+        took = time.perf_counter() - started
+        if job is None:
+            break
+        durations.append(took)
+        finish(db, job, name, [], [], {})
+    out.put(durations)
+
+
+def throughput(url: str, db: Database, jobs: int, workers: int) -> tuple[float, float, float]:
+    """jobs/s and median / p95 claim duration (ms) for ``workers`` worker processes."""
     completion = CompletionSettings(quiet_period_s={"default": 0.0}, force_complete_s=60)
     now = utcnow()
     for _ in range(jobs):
         _receive(db, completion, now)
     complete_due_studies(db, on_complete=lambda s, study: enqueue(s, study, QUEUE, utcnow()))
-    claims: list[float] = []
-    stop = threading.Event()
+    ctx = multiprocessing.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    procs, readies = [], []
+    for i in range(workers):
+        ready = ctx.Event()
+        proc = ctx.Process(target=_claim_process, args=(url, f"bench:{i}:w", ready, go, out))
+        proc.start()
+        procs.append(proc)
+        readies.append(ready)
+    for ready in readies:
+        ready.wait(120)
     started = time.perf_counter()
-    threads = _workers(db, workers, stop, claims)
-    while len(claims) < jobs and time.perf_counter() - started < 600:
-        time.sleep(0.01)
+    go.set()
+    claims: list[float] = []
+    for _ in procs:
+        claims += out.get(timeout=600)
     elapsed = time.perf_counter() - started
-    stop.set()
-    for t in threads:
-        t.join()
+    for proc in procs:
+        proc.join(60)
+    assert len(claims) == jobs, f"{len(claims)} of {jobs} jobs claimed"
     ms = [c * 1000 for c in claims]
     return jobs / elapsed, statistics.median(ms), _percentile(ms, 0.95)
 
@@ -188,7 +219,7 @@ def main() -> int:
                 for workers in (1, 4):
                     db = Database(new_url())  # type: ignore[operator]
                     db.migrate()
-                    rate, claim_med, claim_p95 = throughput(db, jobs, workers)
+                    rate, claim_med, claim_p95 = throughput(db.url, db, jobs, workers)
                     db.dispose()
                     db = Database(new_url())  # type: ignore[operator]
                     db.migrate()
@@ -220,7 +251,7 @@ def main() -> int:
                 "",
                 f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
                 f"- machine: nproc {os.cpu_count()}, {platform.processor() or platform.machine()}",
-                f"- command: `python3 bench/queue.py{' --quick' if args.quick else ''}`",
+                f"- command: `python3 bench/jobqueue.py{' --quick' if args.quick else ''}`",
                 f"- {jobs} jobs per throughput cell (worker threads claim and finish with an empty "
                 f"pipeline); {studies} studies arriving every 20 ms with a 0.2 s quiet period per "
                 "latency cell, completion check every "
