@@ -114,6 +114,18 @@ class CompletionSettings:
 
 
 @dataclass(frozen=True)
+class RoutingSettings:
+    """``[routing]``: which instances are frontal chest radiographs."""
+
+    cxr_modalities: tuple[str, ...] = ("CR", "DX")
+    chest_body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "CHEST_TO_ABDOMEN")
+    frontal_views: tuple[str, ...] = ("PA", "AP")
+    lateral_views: tuple[str, ...] = ("LL", "RL", "LLD", "RLD", "LAT", "LATERAL")
+    lateral_words: tuple[str, ...] = ("LAT", "LATERAL", "LL", "RL")
+    """Words in SeriesDescription or ImageType that mark a view-less image as lateral."""
+
+
+@dataclass(frozen=True)
 class PriorityRule:
     """One ``[[queue.priority]]`` rule: studies matching every given field get ``priority``."""
 
@@ -182,6 +194,7 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
 
     @property
     def instances_dir(self) -> Path:
@@ -559,6 +572,27 @@ def _parse_outbox(root: _Reader) -> OutboxSettings:
     return s
 
 
+def _parse_routing(root: _Reader) -> RoutingSettings:
+    r = _Reader(_table(root, "routing"), "routing", root.problems)
+    d = RoutingSettings()
+    values: dict[str, tuple[str, ...]] = {}
+    for name in (
+        "cxr_modalities",
+        "chest_body_parts",
+        "frontal_views",
+        "lateral_views",
+        "lateral_words",
+    ):
+        default = getattr(d, name)
+        raw = r.get(name, list, list(default))
+        if not all(isinstance(v, str) and v.strip() for v in raw):
+            r.problem(name, f"must be a list of non-empty strings, got {raw!r}")
+            raw = list(default)
+        values[name] = tuple(v.strip().upper() for v in raw)
+    r.check_unknown()
+    return RoutingSettings(**values)
+
+
 def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Settings:
     """Validate a parsed TOML document; raise :class:`ConfigError` listing every problem."""
     problems: list[tuple[str, str]] = []
@@ -575,6 +609,7 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         queue=_parse_queue(root),
         worker=_parse_worker(root),
         outbox=_parse_outbox(root),
+        routing=_parse_routing(root),
     )
     root.check_unknown()
     if problems:

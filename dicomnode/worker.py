@@ -48,7 +48,7 @@ def load_study(db: Database, store: InstanceStore, job: ClaimedJob) -> StudyInpu
     """The study's instances as the pipeline sees them (paths and index tags)."""
     with db.read() as session:
         rows = session.execute(
-            select(Instance, Series.series_instance_uid)
+            select(Instance, Series.series_instance_uid, Series.series_description)
             .join(Series, Series.id == Instance.series_id)
             .where(Instance.study_id == job.study_id)
             .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
@@ -67,8 +67,9 @@ def load_study(db: Database, store: InstanceStore, job: ClaimedJob) -> StudyInpu
                 image_type=inst.image_type,
                 rows=inst.rows,
                 columns=inst.columns,
+                series_description=description,
             )
-            for inst, series_uid in rows
+            for inst, series_uid, description in rows
         ),
     )
 

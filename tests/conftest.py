@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from support import PostgresServer, pg_bin_dir
+
+# TensorFlow's start-up chatter (no GPU here, oneDNN notes) is noise in test output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ class InstanceInput:
     image_type: str | None
     rows: int | None
     columns: int | None
+    series_description: str | None = None
 
 
 @dataclass(frozen=True)

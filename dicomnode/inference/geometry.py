@@ -1,0 +1,152 @@
+"""Pure array steps of the chest X-ray pipeline: lung crop, boxes, ensembles, heatmaps.
+
+No model and no DICOM here: numpy and OpenCV on arrays, so each step can be checked
+numerically. Coordinates are pixels, ``x`` along columns and ``y`` along rows, boxes
+as (x, y, width, height) with the end exclusive, like the seed's CSV files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+#: The seed's crop relaxes the lung extent by 5 % on every side.
+LUNG_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in pixels of some image; ``confidence`` when it is a finding."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    confidence: float | None = None
+
+    def scaled(self, sx: float, sy: float) -> Box:
+        """The same box in an image ``sx`` times wider and ``sy`` times taller."""
+        return Box(self.x * sx, self.y * sy, self.width * sx, self.height * sy, self.confidence)
+
+    def shifted(self, dx: float, dy: float) -> Box:
+        """The same box moved by (dx, dy)."""
+        return Box(self.x + dx, self.y + dy, self.width, self.height, self.confidence)
+
+    def within(self, width: float, height: float) -> bool:
+        """Whether the box lies inside an image of that size."""
+        return (
+            self.x >= 0
+            and self.y >= 0
+            and self.x + self.width <= width + 1e-6
+            and self.y + self.height <= height + 1e-6
+        )
+
+
+def lung_box(mask: np.ndarray, margin: float = LUNG_MARGIN) -> Box | None:
+    """The box around every lung pixel of ``mask``, relaxed by ``margin`` and clipped.
+
+    The relaxation is ``int(margin * extent)`` pixels on each side, per axis, as in
+    the seed; ``None`` when the mask is empty.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0 or cols.size == 0:
+        return None
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    left, right = int(cols[0]), int(cols[-1]) + 1
+    pad_y = int((bottom - top) * margin)
+    pad_x = int((right - left) * margin)
+    height, width = mask.shape[:2]
+    x0, y0 = max(0, left - pad_x), max(0, top - pad_y)
+    x1, y1 = min(width, right + pad_x), min(height, bottom + pad_y)
+    return Box(x0, y0, x1 - x0, y1 - y0)
+
+
+def crop(image: np.ndarray, box: Box, size: int) -> np.ndarray:
+    """``image`` cut to ``box`` (whole pixels) and resized to ``size`` x ``size``."""
+    x0, y0 = round(box.x), round(box.y)
+    x1, y1 = round(box.x + box.width), round(box.y + box.height)
+    part = image[y0:y1, x0:x1]
+    return cv2.resize(part, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def resize_map(values: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A probability or heat map resized to ``width`` x ``height`` (bilinear, float32)."""
+    return cv2.resize(values.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def boxes_from_probability(
+    probability: np.ndarray, threshold: float = 0.5, inside: np.ndarray | None = None
+) -> list[Box]:
+    """One box per connected component of ``probability >= threshold``.
+
+    ``inside`` (a boolean mask of the same shape, e.g. the lungs) restricts the
+    components to its pixels. Each box's confidence is the mean probability inside
+    the box, as in seeds 002/003. Boxes come sorted by confidence, highest first.
+    """
+    binary = probability >= threshold
+    if inside is not None:
+        binary &= inside.astype(bool)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    boxes = []
+    for label in range(1, count):
+        x, y, w, h = (int(v) for v in stats[label, :4])
+        confidence = float(probability[y : y + h, x : x + w].mean())
+        boxes.append(Box(x, y, w, h, confidence))
+    return sorted(boxes, key=lambda b: -(b.confidence or 0.0))
+
+
+def normalize_heatmap(cam: np.ndarray) -> np.ndarray:
+    """ReLU then scale to [0, 1] (all zeros stay zeros), as the seed's Grad-CAM does."""
+    cam = np.maximum(cam.astype(np.float32), 0.0)
+    peak = float(cam.max())
+    return cam / peak if peak > 0 else cam
+
+
+# --------------------------------------------------------------------------- ensembles
+
+STRATEGIES = ("weighted", "mean", "vote", "stacking")
+
+
+def combine(
+    member_probabilities: np.ndarray,
+    strategy: str = "weighted",
+    weights: Sequence[float] | None = None,
+    meta: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Combine members' class probabilities, shape (members, images, classes).
+
+    * ``weighted``: sum of w_m * p_m over members, divided by the sum of weights;
+    * ``mean``: the plain average;
+    * ``vote``: the share of members whose top class is each class (majority vote as
+      probabilities; ties are left as equal shares);
+    * ``stacking``: ``meta`` applied to the members' outputs concatenated per image.
+
+    Returns (images, classes); every row sums to 1.
+    """
+    p = np.asarray(member_probabilities, dtype=np.float64)
+    if p.ndim != 3:
+        raise ValueError(f"member probabilities must be (members, images, classes), got {p.shape}")
+    members, _, classes = p.shape
+    if strategy == "weighted":
+        if weights is None or len(weights) != members:
+            raise ValueError(f"weighted ensemble needs {members} weights, got {weights!r}")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {weights!r}")
+        return np.tensordot(w, p, axes=1) / w.sum()
+    if strategy == "mean":
+        return p.mean(axis=0)
+    if strategy == "vote":
+        votes = np.eye(classes)[p.argmax(axis=2)]  # (members, images, classes)
+        return votes.mean(axis=0)
+    if strategy == "stacking":
+        if meta is None:
+            raise ValueError("stacking ensemble needs a meta model")
+        stacked = np.concatenate(list(p), axis=1)  # (images, members * classes)
+        out = np.asarray(meta(stacked.astype(np.float32)), dtype=np.float64)
+        return out / out.sum(axis=1, keepdims=True)
+    raise ValueError(f"unknown ensemble strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
