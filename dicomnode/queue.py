@@ -174,9 +174,7 @@ def claim(db: Database, worker: str, now: datetime | None = None) -> ClaimedJob 
         .where(
             Job.status == JobStatus.QUEUED,
             Job.run_after <= now,
-            ~exists().where(
-                running.study_id == Job.study_id, running.status == JobStatus.RUNNING
-            ),
+            ~exists().where(running.study_id == Job.study_id, running.status == JobStatus.RUNNING),
         )
         .order_by(Job.priority.desc(), Job.run_after, Job.id)
         .limit(1)
@@ -194,9 +192,7 @@ def claim(db: Database, worker: str, now: datetime | None = None) -> ClaimedJob 
                 started_at=now,
                 attempts=Job.attempts + 1,
             )
-            .returning(
-                Job.id, Job.kind, Job.study_id, Job.attempts, Job.max_attempts, Job.priority
-            )
+            .returning(Job.id, Job.kind, Job.study_id, Job.attempts, Job.max_attempts, Job.priority)
         ).first()
         if job is None:
             return None
