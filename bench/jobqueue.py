@@ -252,8 +252,9 @@ def main() -> int:
                 f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
                 f"- machine: nproc {os.cpu_count()}, {platform.processor() or platform.machine()}",
                 f"- command: `python3 bench/jobqueue.py{' --quick' if args.quick else ''}`",
-                f"- {jobs} jobs per throughput cell (worker threads claim and finish with an empty "
-                f"pipeline); {studies} studies arriving every 20 ms with a 0.2 s quiet period per "
+                f"- {jobs} jobs per throughput cell (worker processes claim and finish with an "
+                "empty pipeline; latency cells use worker threads); "
+                f"{studies} studies arriving every 20 ms with a 0.2 s quiet period per "
                 "latency cell, completion check every "
                 f"{CompletionSettings().check_interval_s} s, worker poll every "
                 f"{QUEUE.poll_interval_s} s (the defaults)",
