@@ -126,6 +126,26 @@ class RoutingSettings:
 
 
 @dataclass(frozen=True)
+class CXRSettings:
+    """``[cxr]``: the chest X-ray pipeline's models and decisions."""
+
+    models_dir: Path = Path("models")
+    lung_mask: str = "cxr-lung-unet"
+    members: tuple[str, ...] = ("cxr-vgg16", "cxr-vgg19", "cxr-inceptionv3")
+    strategy: str = "weighted"
+    stacking: str = ""
+    detector: str = ""
+    explain_member: str = ""
+    explain_class: str = "covid19"
+    normal_class: str = "normal"
+    abnormal_threshold: float = 0.5
+    detector_threshold: float = 0.5
+    gradcam_box_threshold: float = 0.5
+    batch_size: int = 16
+    mixed_precision: bool = False
+
+
+@dataclass(frozen=True)
 class PriorityRule:
     """One ``[[queue.priority]]`` rule: studies matching every given field get ``priority``."""
 
@@ -195,6 +215,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    cxr: CXRSettings = field(default_factory=CXRSettings)
 
     @property
     def instances_dir(self) -> Path:
@@ -593,6 +614,42 @@ def _parse_routing(root: _Reader) -> RoutingSettings:
     return RoutingSettings(**values)
 
 
+def _parse_cxr(root: _Reader, base_dir: Path) -> CXRSettings:
+    from dicomnode.inference.geometry import STRATEGIES
+
+    r = _Reader(_table(root, "cxr"), "cxr", root.problems)
+    d = CXRSettings()
+    models_dir = Path(r.get("models_dir", str, str(d.models_dir))).expanduser()
+    members = r.get("members", list, list(d.members))
+    if not members or not all(isinstance(m, str) and _NAME_RE.match(m) for m in members):
+        r.problem("members", f"must be a non-empty list of model names, got {members!r}")
+        members = list(d.members)
+    strategy = r.get("strategy", str, d.strategy)
+    if strategy not in STRATEGIES:
+        r.problem("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        strategy = d.strategy
+    s = CXRSettings(
+        models_dir=(models_dir if models_dir.is_absolute() else base_dir / models_dir).resolve(),
+        lung_mask=r.get("lung_mask", str, d.lung_mask),
+        members=tuple(members),
+        strategy=strategy,
+        stacking=r.get("stacking", str, d.stacking),
+        detector=r.get("detector", str, d.detector),
+        explain_member=r.get("explain_member", str, d.explain_member),
+        explain_class=r.get("explain_class", str, d.explain_class),
+        normal_class=r.get("normal_class", str, d.normal_class),
+        abnormal_threshold=r.number("abnormal_threshold", float, d.abnormal_threshold, 0, 1),
+        detector_threshold=r.number("detector_threshold", float, d.detector_threshold, 0, 1),
+        gradcam_box_threshold=r.number(
+            "gradcam_box_threshold", float, d.gradcam_box_threshold, 0, 1
+        ),
+        batch_size=r.number("batch_size", int, d.batch_size, 1, 1024),
+        mixed_precision=r.get("mixed_precision", bool, d.mixed_precision),
+    )
+    r.check_unknown()
+    return s
+
+
 def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Settings:
     """Validate a parsed TOML document; raise :class:`ConfigError` listing every problem."""
     problems: list[tuple[str, str]] = []
@@ -610,6 +667,7 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         worker=_parse_worker(root),
         outbox=_parse_outbox(root),
         routing=_parse_routing(root),
+        cxr=_parse_cxr(root, base_dir),
     )
     root.check_unknown()
     if problems:

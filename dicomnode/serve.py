@@ -102,7 +102,7 @@ def _receiver_main(settings: Settings, index: int, ready: Any) -> None:
 def run_workers(settings: Settings, stop: threading.Event, ready: Any = None) -> int:
     """Load the pipeline once, run ``worker.threads`` workers until ``stop``; return jobs done."""
     db = Database(settings.database.url)
-    pipeline = load_pipeline(settings.worker.pipeline)
+    pipeline = load_pipeline(settings.worker.pipeline, settings)
     pipeline.load()
     results = make_results_store(settings)
     results.prepare()

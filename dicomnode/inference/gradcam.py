@@ -51,7 +51,8 @@ class GradCAM:
         import keras
 
         self.layer = model.get_layer(layer_name)
-        self.features = keras.Model(model.inputs, self.layer.output)
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        self.features = keras.Model(inputs, self.layer.output)
         self.tail = self._chain_after(model, self.layer)
 
     @staticmethod

@@ -194,7 +194,8 @@ def load_model(spec: ModelSpec) -> Any:
         model.load_weights(spec.weights)
     expected = (*spec.input_size, spec.channels)
     actual = tuple(model.input_shape[1:])
-    if actual != expected:
+    # A stacking meta-model takes the members' concatenated outputs, not an image.
+    if spec.task != "stacking" and actual != expected:
         raise ModelError(f"{spec.manifest}: [input] says {expected} but the model takes {actual}")
     log.info("loaded model %s %s (%s)", spec.name, spec.version, spec.weights.name)
     return model

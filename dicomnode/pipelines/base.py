@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dicomnode.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dicomnode.config import Settings
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class PipelineOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
     skipped_reason: str | None = None
     """Set when the study holds nothing this pipeline analyses."""
+    analysis: Any = None
+    """The pipeline's typed result, for the result encoders (SR, SC)."""
 
 
 class Pipeline(Protocol):
@@ -68,12 +73,18 @@ class Pipeline(Protocol):
         ...
 
 
-def load_pipeline(spec: str) -> Pipeline:
+def load_pipeline(spec: str, settings: Settings | None = None) -> Pipeline:
     """The pipeline named ``spec`` (built in), or ``module:callable`` returning one."""
     if spec == "placeholder":
         from dicomnode.pipelines.placeholder import PlaceholderPipeline
 
         return PlaceholderPipeline()
+    if spec == "cxr":
+        from dicomnode.pipelines.cxr import CXRPipeline
+
+        if settings is None:
+            raise ConfigError([("worker.pipeline", "the cxr pipeline needs the settings")])
+        return CXRPipeline(settings.cxr, settings.routing)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:

@@ -1,0 +1,229 @@
+"""The chest X-ray pipeline end to end on real files, with tiny models built here.
+
+The models are test fixtures with fixed or random weights: they make the pipeline's
+plumbing checkable (shapes, coordinates, routing, strategies), not its accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import dicom_files, shared_data
+
+keras = pytest.importorskip("keras")
+
+from dicomnode.config import CXRSettings, RoutingSettings  # noqa: E402
+from dicomnode.errors import ConfigError  # noqa: E402
+from dicomnode.inference.registry import sha256_of  # noqa: E402
+from dicomnode.pipelines.base import InstanceInput, StudyInput  # noqa: E402
+from dicomnode.pipelines.cxr import CXRPipeline, keep_largest  # noqa: E402
+
+SIZE = 64
+CLASSES = [
+    ("bacterial", "53084003", "Bacterial pneumonia"),
+    ("covid19", "840539006", "Disease caused by severe acute respiratory syndrome coronavirus 2"),
+    ("normal", "17621005", "Normal"),
+]
+
+
+def _write(folder: Path, model: keras.Model, task: str, channels: int, **extra: object) -> None:
+    folder.mkdir(parents=True)
+    weights = folder / "model.keras"
+    model.save(weights)
+    classes = (
+        "".join(
+            f'\n[[classes]]\nname = "{n}"\ncode_value = "{c}"\ncoding_scheme = "SCT"\n'
+            f'code_meaning = "{m}"\n'
+            for n, c, m in CLASSES
+        )
+        if task in ("classifier", "stacking")
+        else ""
+    )
+    ensemble = f"\n[ensemble]\nweight = {extra['weight']}\n" if "weight" in extra else ""
+    gradcam = f'\n[gradcam]\nlayer = "{extra["layer"]}"\n' if "layer" in extra else ""
+    size = extra.get("size", [SIZE, SIZE])
+    (folder / "manifest.toml").write_text(
+        textwrap.dedent(
+            f"""
+            name = "{folder.name}"
+            version = "0.1"
+            task = "{task}"
+            architecture = "test"
+            device_uid = "1.2.826.0.1.3680043.10.999.{abs(hash(folder.name)) % 1000}"
+
+            [weights]
+            file = "model.keras"
+            format = "keras"
+            sha256 = "{sha256_of(weights)}"
+
+            [input]
+            size = {list(size)}
+            channels = {channels}
+            """
+        )
+        + ensemble
+        + gradcam
+        + classes
+    )
+
+
+def _pixel_model(weight: float, bias: float) -> keras.Model:
+    """sigmoid(weight * x + bias) per pixel: dark (w < 0) or bright (w > 0) regions."""
+    inputs = keras.Input((SIZE, SIZE, 1))
+    layer = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    outputs = layer(inputs)
+    model = keras.Model(inputs, outputs)
+    layer.set_weights([np.full((1, 1, 1, 1), weight, "float32"), np.full((1,), bias, "float32")])
+    return model
+
+
+def _member(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="last_conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def _meta() -> keras.Model:
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((9,))
+    x = keras.layers.Dense(9, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    _write(root / "lung", _pixel_model(-20.0, 10.0), "lung-mask", 1)
+    for name, seed, weight in (("m1", 1, 0.1), ("m2", 2, 0.4), ("m3", 3, 0.5)):
+        _write(root / name, _member(seed), "classifier", 3, weight=weight, layer="last_conv")
+    _write(root / "meta", _meta(), "stacking", 3, size=[9, 1])
+    _write(root / "detector", _pixel_model(20.0, -12.0), "detector", 1)
+    return root
+
+
+def _settings(models_dir: Path, **changes: object) -> CXRSettings:
+    base = CXRSettings(
+        models_dir=models_dir,
+        lung_mask="lung",
+        members=("m1", "m2", "m3"),
+        explain_member="m1",
+        abnormal_threshold=0.0,  # look for boxes on every image
+        batch_size=4,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def _study(paths: list[Path]) -> StudyInput:
+    from pydicom import dcmread
+
+    instances = []
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True, force=True)
+        instances.append(
+            InstanceInput(
+                path=path,
+                sop_instance_uid=str(ds.get("SOPInstanceUID") or path.name),
+                sop_class_uid=str(
+                    ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID", "")
+                ),
+                series_instance_uid=str(ds.get("SeriesInstanceUID", "1")),
+                modality=ds.get("Modality"),
+                body_part_examined=ds.get("BodyPartExamined"),
+                view_position=ds.get("ViewPosition"),
+                image_type=None,
+                rows=int(ds.Rows),
+                columns=int(ds.Columns),
+            )
+        )
+    return StudyInput("1.2.3", tuple(instances))
+
+
+def test_keep_largest_keeps_the_two_lungs() -> None:
+    mask = np.zeros((100, 100), bool)
+    mask[10:90, 10:40] = True
+    mask[10:90, 60:90] = True
+    mask[0:2, 98:100] = True  # speck
+    kept = keep_largest(mask)
+    assert kept.sum() == 2 * 80 * 30 and not kept[0, 99]
+
+
+@pytest.mark.parametrize("detector", ["", "detector"])
+def test_pipeline_on_every_shared_radiograph(models_dir: Path, detector: str) -> None:
+    files = dicom_files(shared_data("dicom_cxr"))
+    study = _study(files)
+    lateral = replace(study.instances[0], sop_instance_uid="9.9.9", view_position="LL")
+    study = StudyInput(study.study_instance_uid, (*study.instances, lateral))
+    pipeline = CXRPipeline(_settings(models_dir, detector=detector), RoutingSettings())
+    pipeline.load()
+    outcome = pipeline.run(study)
+    result = outcome.analysis
+    assert outcome.skipped_reason is None
+    analysed = {i.sop_instance_uid for i in result.images}
+    chest = [
+        i for i in study.instances if "non_chest" not in str(i.path) and i.view_position != "LL"
+    ]
+    assert len(result.images) == len(chest) == 5
+    codes = {s.sop_instance_uid: s.code for s in result.skipped}
+    assert codes["9.9.9"] == "lateral-view"
+    assert sorted(codes.values()).count("not-chest") == 2
+    assert not analysed & set(codes)
+    for image in result.images:
+        assert sum(image.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert image.lung_box.within(image.columns, image.rows)
+        heat = image.heatmap_in_source()
+        assert heat.shape == (image.rows, image.columns)
+        assert heat.min() >= 0.0 and heat.max() <= 1.0
+        assert image.box_method == ("detector:detector" if detector else "gradcam-threshold")
+        for box in image.boxes:
+            assert box.within(image.columns, image.rows)
+            assert 0.0 <= (box.confidence or 0) <= 1.0
+    # The weighted ensemble is the manifests' weighting of the members.
+    first = result.images[0]
+    members = np.array(
+        [[first.member_probabilities[m][c] for c, _, _ in CLASSES] for m in ("m1", "m2", "m3")]
+    )
+    expected = (0.1 * members[0] + 0.4 * members[1] + 0.5 * members[2]) / 1.0
+    assert [first.probabilities[c] for c, _, _ in CLASSES] == pytest.approx(expected, abs=1e-6)
+    assert {m.name for m in result.models} >= {"lung", "m1", "m2", "m3"}
+    json.dumps(outcome.summary)  # the summary stored with the job is plain JSON
+    assert set(result.timings) >= {"decode", "lung_mask", "lung_crop", "ensemble", "gradcam"}
+
+
+@pytest.mark.parametrize("strategy", ["mean", "vote", "stacking"])
+def test_other_ensemble_strategies(models_dir: Path, strategy: str) -> None:
+    path = shared_data("dicom_cxr", "chest", "highdicom_dx_image.dcm")
+    settings = _settings(models_dir, strategy=strategy, stacking="meta")
+    pipeline = CXRPipeline(settings, RoutingSettings())
+    pipeline.load()
+    [image] = pipeline.analyse(_study([path])).images
+    assert sum(image.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    if strategy == "vote":
+        assert sorted(image.probabilities.values()) == [0.0, 1 / 3, 2 / 3] or max(
+            image.probabilities.values()
+        ) == pytest.approx(1.0)
+
+
+def test_a_study_without_frontal_chest_images_is_skipped_with_reasons(models_dir: Path) -> None:
+    files = dicom_files(shared_data("dicom_cxr", "non_chest_radiographs"))
+    pipeline = CXRPipeline(_settings(models_dir), RoutingSettings())
+    pipeline.load()
+    outcome = pipeline.run(_study(files))
+    assert outcome.analysis.images == []
+    assert outcome.skipped_reason == (
+        "no frontal chest radiograph: 2 not-chest (BodyPartExamined EXTREMITY)"
+    )
+
+
+def test_inconsistent_configuration_is_refused(models_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="explain_class"):
+        CXRPipeline(_settings(models_dir, explain_class="pneumothorax"), RoutingSettings()).load()
+    with pytest.raises(ConfigError, match="stacking"):
+        CXRPipeline(_settings(models_dir, strategy="stacking"), RoutingSettings()).load()
