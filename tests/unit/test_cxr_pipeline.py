@@ -7,7 +7,6 @@ plumbing checkable (shapes, coordinates, routing, strategies), not its accuracy.
 from __future__ import annotations
 
 import json
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,96 +16,17 @@ from support import dicom_files, shared_data
 
 keras = pytest.importorskip("keras")
 
+from fixture_models import CLASSES, write_cxr_models  # noqa: E402
+
 from dicomnode.config import CXRSettings, RoutingSettings  # noqa: E402
 from dicomnode.errors import ConfigError  # noqa: E402
-from dicomnode.inference.registry import sha256_of  # noqa: E402
 from dicomnode.pipelines.base import InstanceInput, StudyInput  # noqa: E402
 from dicomnode.pipelines.cxr import CXRPipeline, keep_largest  # noqa: E402
-
-SIZE = 64
-CLASSES = [
-    ("bacterial", "53084003", "Bacterial pneumonia"),
-    ("covid19", "840539006", "Disease caused by severe acute respiratory syndrome coronavirus 2"),
-    ("normal", "17621005", "Normal"),
-]
-
-
-def _write(folder: Path, model: keras.Model, task: str, channels: int, **extra: object) -> None:
-    folder.mkdir(parents=True)
-    weights = folder / "model.keras"
-    model.save(weights)
-    classes = (
-        "".join(
-            f'\n[[classes]]\nname = "{n}"\ncode_value = "{c}"\ncoding_scheme = "SCT"\n'
-            f'code_meaning = "{m}"\n'
-            for n, c, m in CLASSES
-        )
-        if task in ("classifier", "stacking")
-        else ""
-    )
-    ensemble = f"\n[ensemble]\nweight = {extra['weight']}\n" if "weight" in extra else ""
-    gradcam = f'\n[gradcam]\nlayer = "{extra["layer"]}"\n' if "layer" in extra else ""
-    size = extra.get("size", [SIZE, SIZE])
-    (folder / "manifest.toml").write_text(
-        textwrap.dedent(
-            f"""
-            name = "{folder.name}"
-            version = "0.1"
-            task = "{task}"
-            architecture = "test"
-            device_uid = "1.2.826.0.1.3680043.10.999.{abs(hash(folder.name)) % 1000}"
-
-            [weights]
-            file = "model.keras"
-            format = "keras"
-            sha256 = "{sha256_of(weights)}"
-
-            [input]
-            size = {list(size)}
-            channels = {channels}
-            """
-        )
-        + ensemble
-        + gradcam
-        + classes
-    )
-
-
-def _pixel_model(weight: float, bias: float) -> keras.Model:
-    """sigmoid(weight * x + bias) per pixel: dark (w < 0) or bright (w > 0) regions."""
-    inputs = keras.Input((SIZE, SIZE, 1))
-    layer = keras.layers.Conv2D(1, 1, activation="sigmoid")
-    outputs = layer(inputs)
-    model = keras.Model(inputs, outputs)
-    layer.set_weights([np.full((1, 1, 1, 1), weight, "float32"), np.full((1,), bias, "float32")])
-    return model
-
-
-def _member(seed: int) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Conv2D(4, 3, activation="relu", name="last_conv")(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(3, activation="softmax")(x)
-    return keras.Model(inputs, outputs)
-
-
-def _meta() -> keras.Model:
-    keras.utils.set_random_seed(11)
-    inputs = keras.Input((9,))
-    x = keras.layers.Dense(9, activation="relu")(inputs)
-    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    _write(root / "lung", _pixel_model(-20.0, 10.0), "lung-mask", 1)
-    for name, seed, weight in (("m1", 1, 0.1), ("m2", 2, 0.4), ("m3", 3, 0.5)):
-        _write(root / name, _member(seed), "classifier", 3, weight=weight, layer="last_conv")
-    _write(root / "meta", _meta(), "stacking", 3, size=[9, 1])
-    _write(root / "detector", _pixel_model(20.0, -12.0), "detector", 1)
-    return root
+    return write_cxr_models(tmp_path_factory.mktemp("models"))
 
 
 def _settings(models_dir: Path, **changes: object) -> CXRSettings:

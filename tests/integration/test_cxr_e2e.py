@@ -1,0 +1,43 @@
+"""The node runs the chest X-ray pipeline on what storescu sends (tiny fixture models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import running_node, shared_data, storescu
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_chest_studies_are_analysed_and_others_skipped_with_a_reason(tmp_path: Path) -> None:
+    pytest.importorskip("keras")
+    from fixture_models import write_cxr_models
+
+    chest = shared_data("dicom_cxr", "chest", "highdicom_dx_image.dcm")
+    leg = shared_data("dicom_cxr", "non_chest_radiographs", "pydicom-data_RG3_J2KR.dcm")
+    models = write_cxr_models(tmp_path / "models")
+    with running_node(
+        tmp_path / "node",
+        worker={"pipeline": "cxr", "processes": 1},
+        cxr={
+            "models_dir": str(models),
+            "lung_mask": "lung",
+            "members": ["m1", "m2", "m3"],
+            "explain_member": "m1",
+        },
+    ) as node:
+        for run in storescu([chest, leg], node.port):
+            assert run.returncode == 0, run.stdout + run.stderr
+        studies = node.wait_for(
+            lambda s: len(s) == 2 and all(v["state"] in ("done", "skipped") for v in s.values()),
+            120,
+            "both studies analysed",
+        )
+        states = sorted((v["state"], v.get("reason")) for v in studies.values())
+        assert states == [
+            ("done", None),
+            ("skipped", "no frontal chest radiograph: 1 not-chest (BodyPartExamined EXTREMITY)"),
+        ]
+        assert "not-chest" in node.cli("status").stdout
+        assert "cxr pipeline ready" in node.log()
