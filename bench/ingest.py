@@ -54,7 +54,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -80,6 +79,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
+from results import machine_description, write_section
 
 # dcmtk and Orthanc: absolute paths on purpose. The storescu/storescp found on PATH
 # may be pynetdicom's Python apps (pyenv shims), which are not what we compare with.
@@ -971,39 +971,6 @@ def problems_lines(results: dict[tuple[str, str, int], CellResult]) -> list[str]
     return out
 
 
-def machine_description() -> str:
-    """nproc, CPU model, memory and kernel."""
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kb = int(Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    return f"nproc {os.cpu_count()}, {model}{mem}, Linux {platform.release()}"
-
-
-def write_results(path: Path, section: list[str]) -> None:
-    """Replace (or append) the ``## ingest`` section of ``path``, keeping the others."""
-    existing = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = existing.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        while lines and not lines[-1].strip():
-            lines.pop()
-        new = [*lines, "", *section]
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = lines[end:]
-        new = [*lines[:start], *section, *([""] if tail else []), *tail]
-    path.write_text("\n".join(new).rstrip("\n") + "\n")
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1149,7 +1116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         if problems:
             section += ["", "Problems seen:", "", *problems]
-        write_results(args.results, section)
+        write_section(args.results, SECTION, section)
         print(f"\nwrote the '{SECTION}' section of {args.results}")
     return 0 if all(r.ok for r in results.values()) else 1
 

@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -45,7 +44,9 @@ from sqlalchemy import select
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from results import RESULTS, machine_description, write_section  # noqa: E402
 from support import PostgresServer, pg_bin_dir  # noqa: E402
 
 from dicomnode.completion import CompletionScheduler, complete_due_studies  # noqa: E402
@@ -55,7 +56,6 @@ from dicomnode.index import InstanceMeta, Provenance, record_instance  # noqa: E
 from dicomnode.queue import claim, enqueue, finish  # noqa: E402
 
 QUEUE = QueueSettings()
-RESULTS = REPO / "bench" / "RESULTS.md"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -250,7 +250,7 @@ def main() -> int:
                 "## queue",
                 "",
                 f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-                f"- machine: nproc {os.cpu_count()}, {platform.processor() or platform.machine()}",
+                f"- machine: {machine_description()}",
                 f"- command: `python3 bench/jobqueue.py{' --quick' if args.quick else ''}`",
                 f"- {jobs} jobs per throughput cell (worker processes claim and finish with an "
                 "empty pipeline; latency cells use worker threads); "
@@ -265,23 +265,8 @@ def main() -> int:
                 "",
             ]
         )
-        _write_section(RESULTS, "## queue", section)
+        write_section(RESULTS, "## queue", section.splitlines())
     return 0
-
-
-def _write_section(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) the section that starts with ``heading`` in ``path``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    if start is None:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        text = "\n".join(lines[:start] + section.rstrip().splitlines() + [""] + lines[end:])
-    path.write_text(text.rstrip() + "\n")
 
 
 if __name__ == "__main__":
