@@ -202,3 +202,41 @@ def test_gradcam_refuses_a_layer_not_followed_by_a_chain() -> None:
     out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(merged))
     with pytest.raises(ValueError, match="chain"):
         GradCAM(keras.Model(inputs, out), "a")
+
+
+def test_weights_only_h5_loads_into_its_architecture(tmp_path: Path) -> None:
+    from dicomnode.nets import ARCHITECTURES
+
+    builder = {"input_size": 32, "width": 2, "dense_units": 4}
+    model = ARCHITECTURES["small_cnn"](**builder)
+    weights = tmp_path / "tiny.weights.h5"
+    model.save_weights(weights)
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(
+        textwrap.dedent(
+            f"""
+            name = "tiny-cnn"
+            version = "1"
+            task = "ct-classifier"
+            architecture = "small_cnn"
+            device_uid = "1.2.826.0.1.3680043.10.1234.2"
+            [weights]
+            file = "{weights.name}"
+            format = "h5-weights"
+            sha256 = "{sha256_of(weights)}"
+            [input]
+            size = [32, 32]
+            channels = 1
+            [builder]
+            input_size = 32
+            width = 2
+            dense_units = 4
+            """
+        )
+    )
+    loaded = load_model(read_manifest(manifest))
+    x = np.random.default_rng(2).random((3, 32, 32, 1)).astype("float32")
+    assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    manifest.write_text(manifest.read_text().replace('"small_cnn"', '"resnet9000"'))
+    with pytest.raises(ModelError, match="'resnet9000'"):
+        load_model(read_manifest(manifest))
