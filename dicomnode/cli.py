@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--limit", type=int, default=50, help="how many studies (default 50)")
 
+    echo = sub.add_parser("echo", parents=[common], help="C-ECHO a destination")
+    echo.add_argument("name", metavar="NAME", help="a [[destinations]] name")
+
     config = sub.add_parser("config", parents=[common], help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     config_sub.add_parser(
@@ -139,6 +142,22 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
     return EXIT_OK
 
 
+def _cmd_echo(settings: Settings, name: str) -> int:
+    from dicomnode.send import echo
+
+    known = {d.name: d for d in settings.destinations}
+    if name not in known:
+        print(
+            f"dicomnode: no destination named {name!r}; known: {', '.join(known) or 'none'}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    d = known[name]
+    outcome = echo(d, settings.node.ae_title)
+    print(f"{name} ({d.ae_title}@{d.host}:{d.port}): {outcome}")
+    return EXIT_OK if outcome == "success" else EXIT_ERROR
+
+
 def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int:
     from dicomnode.db import Database
     from dicomnode.queue import requeue
@@ -176,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             Database(settings.database.url).migrate()
             print("database is at the newest schema")
             return EXIT_OK
+        if args.command == "echo":
+            return _cmd_echo(settings, args.name)
         if args.command == "requeue":
             return _cmd_requeue(settings, args.study_instance_uid, args.failed)
         if args.command == "serve":

@@ -9,6 +9,9 @@ accepting associations, lets those in flight finish (up to
 ``receive.shutdown_grace_s``), lets running jobs finish or hands them back, and
 exits 0.
 
+The main process also runs the outbox sender (C-STORE of result objects to every
+``[[destinations]]`` entry).
+
 ``worker``: workers alone, for more hosts sharing one PostgreSQL database and
 one storage.
 """
@@ -36,6 +39,7 @@ from dicomnode.logs import configure_logging
 from dicomnode.pipelines import load_pipeline
 from dicomnode.queue import enqueue
 from dicomnode.receive.server import Receiver
+from dicomnode.send import Sender
 from dicomnode.storage import InstanceStore
 from dicomnode.worker import Worker
 
@@ -211,6 +215,13 @@ def serve(settings: Settings) -> int:
     completion = CompletionScheduler(
         db, settings.completion.check_interval_s, on_complete=_enqueue_hook(settings)
     )
+    sender_stop = threading.Event()
+    sender = threading.Thread(
+        target=Sender(settings, db, make_results_store(settings)).run,
+        args=(sender_stop,),
+        name="sender",
+        daemon=True,
+    )
     processes = settings.receive.processes
     receiver: Receiver | None = None
     supervisor = _Supervisor(settings)
@@ -224,6 +235,8 @@ def serve(settings: Settings) -> int:
         for index in range(settings.worker.processes):
             supervisor.start(f"worker-{index}", _worker_main)
         completion.start()
+        if settings.destinations:
+            sender.start()
         log.info(
             "dicomnode %s listening on %s:%d (%d receiving process%s, %d worker process%s), "
             "data in %s",
@@ -244,6 +257,9 @@ def serve(settings: Settings) -> int:
             receiver.stop(grace)
         supervisor.stop(grace)
         completion.stop()
+        sender_stop.set()
+        if sender.is_alive():
+            sender.join(grace)
         db.dispose()
     log.info("dicomnode stopped")
     return 0

@@ -460,3 +460,84 @@ class PostgresServer:
         ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+
+class OrthancServer:
+    """Orthanc (Debian package) as the PACS: generated JSON config, loopback ports, REST checks."""
+
+    BINARY = "/usr/sbin/Orthanc"
+    DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC", **overrides: Any) -> None:
+        if not Path(self.BINARY).exists():
+            pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.http_port = free_port()
+        self.overrides = overrides
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> dict[str, Any]:
+        plugins = [self.DICOMWEB_PLUGIN] if Path(self.DICOMWEB_PLUGIN).exists() else []
+        config: dict[str, Any] = {
+            "Name": "dicomnode-test-pacs",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "Plugins": plugins,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAet": self.ae_title,
+            "DicomPort": self.port,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        config.update(self.overrides)
+        return config
+
+    def start(self, timeout: float = 60) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(self.config(), indent=2))
+        log = (self.workdir / "orthanc.log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.BINARY, str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, TCP_NODELAY="1"),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log_text = (self.workdir / "orthanc.log").read_text()
+                raise AssertionError(f"Orthanc exited: {log_text}")
+            with contextlib.suppress(OSError):
+                self.get("/system")
+                return
+            time.sleep(0.2)
+        raise AssertionError("Orthanc did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+
+    def get(self, path: str) -> Any:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def sop_instance_uids(self) -> list[str]:
+        """SOP Instance UIDs of everything Orthanc holds."""
+        return [
+            self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+            for i in self.get("/instances")
+        ]
