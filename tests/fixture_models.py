@@ -18,7 +18,7 @@ from dicomnode.inference.registry import sha256_of
 SIZE = 64
 CLASSES = [
     ("bacterial", "53084003", "Bacterial pneumonia"),
-    ("covid19", "840539006", "Disease caused by severe acute respiratory syndrome coronavirus 2"),
+    ("covid19", "840539006", "COVID-19"),
     ("normal", "17621005", "Normal"),
 ]
 

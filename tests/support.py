@@ -348,8 +348,14 @@ class NodeProcess:
             if predicate(studies):
                 return studies
             time.sleep(0.3)
-        summary = {uid: (s["state"], s["instances"]) for uid, s in studies.items()}
-        raise AssertionError(f"timed out waiting for {what}; studies: {summary}")
+        summary = {
+            uid: (s["state"], s["instances"], *([s["reason"]] if s.get("reason") else []))
+            for uid, s in studies.items()
+        }
+        log_tail = "\n".join(self.log().splitlines()[-40:])
+        raise AssertionError(
+            f"timed out waiting for {what}; studies: {summary}\nnode log (tail):\n{log_tail}"
+        )
 
 
 def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:

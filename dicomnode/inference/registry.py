@@ -125,6 +125,12 @@ def read_manifest(path: Path) -> ModelSpec:
         )
         for c in data.get("classes", [])
     )
+    for c in classes:
+        if len(c.code_meaning) > 64:
+            raise ModelError(
+                f"{where}: [[classes]] 'code_meaning' is longer than DICOM's 64 characters: "
+                f"{c.code_meaning!r}"
+            )
     if task in ("classifier", "stacking") and len(classes) < 2:
         raise ModelError(f"{where}: a {task} needs its [[classes]] in output order")
     ensemble = data.get("ensemble", {})

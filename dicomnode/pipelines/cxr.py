@@ -84,6 +84,8 @@ class CXRImageResult:
     box_method: str
     """``detector:<model>``, ``gradcam-threshold``, or ``none`` (classified normal)."""
     explained_class: str
+    explained_by: str
+    """The member whose Grad-CAM this is."""
     heatmap: np.ndarray = field(repr=False)
     """Grad-CAM in [0, 1] over the lung crop (``lung_box``), at its own resolution."""
 
@@ -107,6 +109,7 @@ class CXRImageResult:
             "boxes": [_box_json(b) for b in self.boxes],
             "box_method": self.box_method,
             "explained_class": self.explained_class,
+            "explained_by": self.explained_by,
         }
 
 
@@ -381,6 +384,7 @@ class CXRPipeline:
                 boxes=[],
                 box_method="none",
                 explained_class=s.explain_class,
+                explained_by=self.explainer,
                 heatmap=cams[i],
             )
             if abnormal[i]:

@@ -31,7 +31,7 @@ code_meaning = "Bacterial pneumonia"
 name = "covid19"
 code_value = "840539006"
 coding_scheme = "SCT"
-code_meaning = "Disease caused by severe acute respiratory syndrome coronavirus 2"
+code_meaning = "COVID-19"
 
 [[classes]]
 name = "normal"

@@ -1,0 +1,481 @@
+"""The chest X-ray analysis of a study as a TID 1500 Measurement Report (Comprehensive 3D SR).
+
+One report per study, built with highdicom (valid once built), in the source study and
+a new series. The document (PS3.16 TID 1500):
+
+* Observation context: a device observer (TID 1004), the node.
+* Procedure Reported: the imaging procedure, SCT 399208008 "Plain chest X-ray".
+* Image Library: every analysed source image.
+* Imaging Measurements, for each analysed image, in this order:
+
+  1. a TID 1501 group "classification": one NUM per class of the manifests, named by
+     the class's coded concept (``[[classes]]`` of the model manifests), value the
+     ensemble's probability, unit UCUM ``1``; TID 4019 names the ensemble (the node's
+     version; parameters: the strategy and every member with its version);
+  2. one TID 1501 group per ensemble member, the same NUMs with that member's own
+     probabilities, and the member model's name and version in TID 4019;
+  3. the lung region (the lung crop box, when the lung mask found lungs): a TID 1410
+     planar ROI, finding SCT 39607008 "Lung", TID 4019 the lung-mask model;
+  4. each opacity box: a TID 1410 planar ROI, finding DCM 112033 "Abnormal opacity",
+     finding site SCT 39607008 "Lung", its confidence as NUM DCM 111012 "Certainty of
+     Finding" (unit UCUM ``1``); TID 4019 says which method made it: the detector model
+     (name and version) or ``Grad-CAM threshold`` (with the explained class).
+
+  Every group references its source image (TID 1501 "Source of Measurement", TID 1410
+  through the region's SELECTED FROM image). Boxes are closed POLYLINEs of 5 points,
+  (column, row) in the source image's pixel coordinates of PS3.3 C.18.6.1.2 (the
+  top-left corner of the top-left pixel is (0, 0)): a box (x, y, width, height) with
+  its end exclusive has the corners (x, y), (x + width, y), (x + width, y + height),
+  (x, y + height) and (x, y) again. Every ROI's Geometric Purpose is SCT 75958009
+  "Bounded by": the rectangle bounds the finding.
+
+Header: patient and study modules copied from the first source dataset (values that
+break their VR are emptied, see :func:`~dicomnode.results.common.empty_invalid_copied_values`),
+VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag PRELIMINARY,
+Series and SOP Instance UIDs from :func:`~dicomnode.results.uids.result_uid` (kinds
+``"sr-series"`` and ``"sr"``), Contributing Equipment per IHE AI Results (see
+:func:`~dicomnode.results.common.contributing_equipment`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    Comprehensive3DSR,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    GraphicTypeValues,
+    ImageRegion,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+
+from dicomnode.inference.geometry import Box
+from dicomnode.inference.registry import CodedClass
+from dicomnode.results import codes
+from dicomnode.results.common import (
+    MANUFACTURER,
+    NODE_MODEL_NAME,
+    NOT_FOR_DIAGNOSIS,
+    ModelDescription,
+    ResultError,
+    contributing_equipment,
+    empty_invalid_copied_values,
+    node_device_uid,
+)
+from dicomnode.results.uids import result_uid
+
+if TYPE_CHECKING:
+    from dicomnode.pipelines.cxr import CXRImageResult, CXRStudyResult
+
+#: Algorithm Name (TID 4019) of the ensemble that combines the members' probabilities.
+ENSEMBLE_ALGORITHM = "dicomnode CXR ensemble"
+#: Algorithm Name (TID 4019) of the boxes made by thresholding the Grad-CAM heat map.
+GRADCAM_THRESHOLD_ALGORITHM = "Grad-CAM threshold"
+#: Series Number of the SR series unless the caller names another.
+SR_SERIES_NUMBER = 9001
+#: Series Description of the SR series.
+SR_SERIES_DESCRIPTION = f"AI chest X-ray report - {NOT_FOR_DIAGNOSIS}"
+
+_MODEL_TASKS_IN_ENSEMBLE = ("classifier", "stacking")
+
+
+def box_polyline(box: Box) -> np.ndarray:
+    """The closed 5-point ring (column, row) of a box's corners, first point repeated."""
+    x0, y0 = float(box.x), float(box.y)
+    x1, y1 = x0 + float(box.width), y0 + float(box.height)
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+
+
+def build_sr(
+    result: CXRStudyResult,
+    sources: Sequence[Dataset],
+    classes: Sequence[CodedClass],
+    *,
+    software_version: str,
+    manufacturer: str = MANUFACTURER,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    device_uid: str | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+    instance_number: int = 1,
+) -> Comprehensive3DSR:
+    """The TID 1500 Measurement Report of ``result`` (see the module documentation).
+
+    ``sources`` are the source image datasets (pixel data not needed), at least one per
+    analysed image, all of the result's study; the first one gives the patient and
+    study modules. ``classes`` are the manifests' coded classes; every class name in the
+    results needs one. ``device_uid`` is the node's Device UID (device observer and
+    Contributing Equipment); without it a stable one is derived from the manufacturer
+    and the institution. Raises :class:`~dicomnode.results.common.ResultError` when the
+    inputs cannot make a valid report, quoting the bad value.
+    """
+    study_uid = result.study_instance_uid
+    if not result.images:
+        raise ResultError(f"study {study_uid}: no analysed image, nothing to report")
+    if not sources:
+        raise ResultError(f"study {study_uid}: no source dataset given")
+    by_uid = _sources_by_uid(study_uid, sources)
+    concepts = _class_concepts(classes)
+    models = {m.name: m for m in result.models}
+    device_uid = device_uid or node_device_uid(manufacturer, institution_name)
+
+    groups: list[
+        MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    analysed: list[Dataset] = []
+    for number, image in enumerate(result.images, start=1):
+        source = by_uid.get(image.sop_instance_uid)
+        if source is None:
+            raise ResultError(
+                f"study {study_uid}: no source dataset for analysed image "
+                f"{image.sop_instance_uid!r}; given: {sorted(by_uid)}"
+            )
+        _check_geometry(image, source)
+        analysed.append(source)
+        groups += _image_groups(
+            result, image, number, source, concepts, models, manufacturer, software_version
+        )
+
+    observer = ObserverContext(
+        observer_type=codes.DEVICE,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=NODE_MODEL_NAME,
+            manufacturer_name=manufacturer,
+            model_name=NODE_MODEL_NAME,
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.PLAIN_CHEST_XRAY,
+        imaging_measurements=groups,
+        referenced_images=[_library_view(source) for source in analysed],
+    )
+    header = _evidence_header(sources[0])
+    sr = Comprehensive3DSR(
+        evidence=[header, *[s for s in analysed if s is not sources[0]]],
+        content=report[0],
+        series_instance_uid=result_uid(study_uid, result.models, "sr-series"),
+        series_number=series_number,
+        sop_instance_uid=result_uid(study_uid, result.models, "sr"),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        contributing_equipment=contributing_equipment(
+            result.models,
+            manufacturer=manufacturer,
+            software_version=software_version,
+            device_uid=device_uid,
+            institution_name=institution_name,
+            institutional_department_name=institutional_department_name,
+        ),
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=NODE_MODEL_NAME,
+        software_versions=software_version,
+    )
+    sr.DeviceUID = device_uid
+    empty_invalid_copied_values(sr, header)
+    return sr
+
+
+# --------------------------------------------------------------------------- checks
+
+
+#: Type 2 Patient and General Study attributes highdicom reads from the first evidence.
+_TYPE2_HEADER = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _evidence_header(source: Dataset) -> Dataset:
+    """The first source's attributes (no pixel data), missing Type 2 ones added empty.
+
+    highdicom reads the patient and study attributes of the first evidence dataset
+    and fails on a missing one; a source that left out a Type 2 attribute gets it empty
+    in the report, as the standard allows.
+    """
+    header = Dataset()
+    for element in source:
+        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            header.add(element)
+    for keyword in _TYPE2_HEADER:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
+
+
+def _library_view(source: Dataset) -> Dataset:
+    """What highdicom's Image Library (TID 1600) reads of a source image.
+
+    highdicom writes the projection radiography descriptors (TID 1603: patient
+    orientation and imager pixel spacing) for CR, DX and other projection modalities
+    and fails when the source lacks them, which many radiographs do. The view keeps
+    the source's Modality only when both are there; otherwise it says ``OT`` so that
+    the entry has the modality (from the SOP Class), Rows and Columns only.
+    """
+    view = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if keyword in source:
+            setattr(view, keyword, source[keyword].value)
+    orientation = source.get("PatientOrientation")
+    spacing = source.get("ImagerPixelSpacing")
+    complete = (
+        orientation is not None
+        and len(orientation) == 2
+        and all(orientation)
+        and spacing is not None
+        and len(spacing) == 2
+    )
+    view.Modality = source.get("Modality", "OT") if complete else "OT"
+    if complete:
+        view.PatientOrientation = orientation
+        view.ImagerPixelSpacing = spacing
+    return view
+
+
+def _sources_by_uid(study_uid: str, sources: Sequence[Dataset]) -> dict[str, Dataset]:
+    by_uid: dict[str, Dataset] = {}
+    for source in sources:
+        sop_uid = str(source.get("SOPInstanceUID", ""))
+        if not sop_uid:
+            raise ResultError(f"study {study_uid}: a source dataset has no SOPInstanceUID")
+        source_study = str(source.get("StudyInstanceUID", ""))
+        if source_study != study_uid:
+            raise ResultError(
+                f"source {sop_uid} belongs to study {source_study!r}, not to the "
+                f"result's study {study_uid!r}"
+            )
+        by_uid[sop_uid] = source
+    return by_uid
+
+
+def _class_concepts(classes: Sequence[CodedClass]) -> dict[str, CodedConcept]:
+    concepts = {}
+    for cls in classes:
+        if len(cls.code_meaning) > 64:
+            raise ResultError(
+                f"class {cls.name!r}: code_meaning {cls.code_meaning!r} has "
+                f"{len(cls.code_meaning)} characters, DICOM Code Meaning (LO) allows 64; "
+                "shorten it in the model manifest"
+            )
+        try:
+            concepts[cls.name] = CodedConcept(cls.code_value, cls.coding_scheme, cls.code_meaning)
+        except (TypeError, ValueError) as exc:
+            raise ResultError(f"class {cls.name!r}: not a valid coded concept ({exc})") from None
+    return concepts
+
+
+def _check_geometry(image: CXRImageResult, source: Dataset) -> None:
+    rows, columns = source.get("Rows"), source.get("Columns")
+    if (rows, columns) != (image.rows, image.columns):
+        raise ResultError(
+            f"image {image.sop_instance_uid}: the result is for {image.rows} x {image.columns} "
+            f"pixels but the source has Rows x Columns {rows} x {columns}"
+        )
+    for box in (image.lung_box, *image.boxes):
+        if box.width <= 0 or box.height <= 0 or not box.within(image.columns, image.rows):
+            raise ResultError(
+                f"image {image.sop_instance_uid}: box {box} is empty or outside the "
+                f"{image.columns} x {image.rows} image"
+            )
+    for name, value in image.probabilities.items():
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ResultError(
+                f"image {image.sop_instance_uid}: probability of {name!r} is {value!r}, "
+                "not in [0, 1]"
+            )
+
+
+def _model(
+    models: dict[str, ModelDescription], name: str, image: CXRImageResult
+) -> ModelDescription:
+    try:
+        return models[name]
+    except KeyError:
+        raise ResultError(
+            f"image {image.sop_instance_uid}: model {name!r} is not among the models used "
+            f"{sorted(models)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- content
+
+
+def _algorithm(model: ModelDescription) -> AlgorithmIdentification:
+    return AlgorithmIdentification(name=model.name, version=model.version)
+
+
+def _tracking(
+    study_uid: str, models: Sequence[ModelDescription], kind: str, label: str
+) -> TrackingIdentifier:
+    return TrackingIdentifier(
+        uid=result_uid(study_uid, models, f"tracking:{kind}"), identifier=label
+    )
+
+
+def _probabilities(
+    probabilities: dict[str, float], concepts: dict[str, CodedConcept], image: CXRImageResult
+) -> list[Measurement]:
+    missing = sorted(set(probabilities) - set(concepts))
+    if missing:
+        raise ResultError(
+            f"image {image.sop_instance_uid}: classes {missing} have no coded concept; "
+            f"coded classes: {sorted(concepts)}"
+        )
+    return [
+        Measurement(name=concepts[name], value=float(probabilities[name]), unit=codes.UNITLESS)
+        for name in concepts
+        if name in probabilities
+    ]
+
+
+def _image_groups(
+    result: CXRStudyResult,
+    image: CXRImageResult,
+    number: int,
+    source: Dataset,
+    concepts: dict[str, CodedConcept],
+    models: dict[str, ModelDescription],
+    manufacturer: str,
+    software_version: str,
+) -> list[MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations]:
+    study_uid, sop_uid, used = result.study_instance_uid, image.sop_instance_uid, result.models
+    source_image = SourceImageForMeasurementGroup.from_source_image(source)
+    groups: list[
+        MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+
+    ensemble_members = [m for m in used if m.task in _MODEL_TASKS_IN_ENSEMBLE]
+    groups.append(
+        MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(
+                study_uid, used, f"{sop_uid}:classification", f"image {number}: classification"
+            ),
+            algorithm_id=AlgorithmIdentification(
+                name=ENSEMBLE_ALGORITHM,
+                version=software_version,
+                manufacturer=manufacturer,
+                parameters=[
+                    f"strategy: {result.strategy}",
+                    *(f"{m.task}: {m.name} {m.version}" for m in ensemble_members),
+                ],
+            ),
+            measurements=_probabilities(image.probabilities, concepts, image),
+            source_images=[source_image],
+        )
+    )
+    for member, probabilities in image.member_probabilities.items():
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(
+                    study_uid, used, f"{sop_uid}:member:{member}", f"image {number}: {member}"
+                ),
+                algorithm_id=_algorithm(_model(models, member, image)),
+                measurements=_probabilities(probabilities, concepts, image),
+                source_images=[source_image],
+            )
+        )
+
+    region_source = SourceImageForRegion.from_source_image(source)
+    if image.lung_found:
+        lung_models = [m for m in used if m.task == "lung-mask"]
+        groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(
+                    study_uid, used, f"{sop_uid}:lung", f"image {number}: lung region"
+                ),
+                referenced_region=ImageRegion(
+                    graphic_type=GraphicTypeValues.POLYLINE,
+                    graphic_data=box_polyline(image.lung_box),
+                    source_image=region_source,
+                ),
+                finding_type=codes.LUNG,
+                finding_category=codes.ANATOMICAL_STRUCTURE,
+                algorithm_id=_algorithm(lung_models[0]) if lung_models else None,
+                geometric_purpose=codes.BOUNDED_BY,
+            )
+        )
+
+    if image.boxes:
+        method = _box_method(image, models, manufacturer, software_version)
+        for index, box in enumerate(image.boxes, start=1):
+            measurements = []
+            if box.confidence is not None:
+                measurements.append(
+                    Measurement(
+                        name=codes.CERTAINTY_OF_FINDING,
+                        value=float(box.confidence),
+                        unit=codes.UNITLESS,
+                    )
+                )
+            groups.append(
+                PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(
+                        study_uid,
+                        used,
+                        f"{sop_uid}:opacity:{index}",
+                        f"image {number}: opacity {index}",
+                    ),
+                    referenced_region=ImageRegion(
+                        graphic_type=GraphicTypeValues.POLYLINE,
+                        graphic_data=box_polyline(box),
+                        source_image=region_source,
+                    ),
+                    finding_type=codes.ABNORMAL_OPACITY,
+                    finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+                    finding_sites=[FindingSite(anatomic_location=codes.LUNG)],
+                    algorithm_id=method,
+                    measurements=measurements,
+                    geometric_purpose=codes.BOUNDED_BY,
+                )
+            )
+    return groups
+
+
+def _box_method(
+    image: CXRImageResult,
+    models: dict[str, ModelDescription],
+    manufacturer: str,
+    software_version: str,
+) -> AlgorithmIdentification:
+    """TID 4019 of the method that made the image's boxes (from ``box_method``)."""
+    if image.box_method.startswith("detector:"):
+        return _algorithm(_model(models, image.box_method.removeprefix("detector:"), image))
+    if image.box_method == "gradcam-threshold":
+        return AlgorithmIdentification(
+            name=GRADCAM_THRESHOLD_ALGORITHM,
+            version=software_version,
+            manufacturer=manufacturer,
+            parameters=[f"explained class: {image.explained_class}"],
+        )
+    raise ResultError(
+        f"image {image.sop_instance_uid}: {len(image.boxes)} boxes but box_method is "
+        f"{image.box_method!r}; expected 'detector:<model>' or 'gradcam-threshold'"
+    )
