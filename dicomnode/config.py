@@ -146,6 +146,17 @@ class CXRSettings:
 
 
 @dataclass(frozen=True)
+class OutputSettings:
+    """``[outputs]``: which result objects the node makes and sends."""
+
+    sr: bool = True
+    heatmap_sc: bool = True
+    draw_boxes: bool = True
+    manufacturer: str = "dicomnode project"
+    institution_name: str = ""
+
+
+@dataclass(frozen=True)
 class PriorityRule:
     """One ``[[queue.priority]]`` rule: studies matching every given field get ``priority``."""
 
@@ -216,6 +227,7 @@ class Settings:
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     cxr: CXRSettings = field(default_factory=CXRSettings)
+    outputs: OutputSettings = field(default_factory=OutputSettings)
 
     @property
     def instances_dir(self) -> Path:
@@ -650,6 +662,20 @@ def _parse_cxr(root: _Reader, base_dir: Path) -> CXRSettings:
     return s
 
 
+def _parse_outputs(root: _Reader) -> OutputSettings:
+    r = _Reader(_table(root, "outputs"), "outputs", root.problems)
+    d = OutputSettings()
+    s = OutputSettings(
+        sr=r.get("sr", bool, d.sr),
+        heatmap_sc=r.get("heatmap_sc", bool, d.heatmap_sc),
+        draw_boxes=r.get("draw_boxes", bool, d.draw_boxes),
+        manufacturer=r.get("manufacturer", str, d.manufacturer)[:64],
+        institution_name=r.get("institution_name", str, d.institution_name)[:64],
+    )
+    r.check_unknown()
+    return s
+
+
 def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Settings:
     """Validate a parsed TOML document; raise :class:`ConfigError` listing every problem."""
     problems: list[tuple[str, str]] = []
@@ -668,6 +694,7 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         outbox=_parse_outbox(root),
         routing=_parse_routing(root),
         cxr=_parse_cxr(root, base_dir),
+        outputs=_parse_outputs(root),
     )
     root.check_unknown()
     if problems:

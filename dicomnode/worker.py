@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.db import Database, Instance, Series
-from dicomnode.pipelines import InstanceInput, Pipeline, PipelineOutcome, StudyInput
+from dicomnode.pipelines import InstanceInput, Pipeline, ResultObject, StudyInput
 from dicomnode.queue import (
     ClaimedJob,
     OutboxItem,
@@ -36,6 +36,7 @@ from dicomnode.queue import (
     reclaim_stalled,
     worker_identity,
 )
+from dicomnode.results.encode import encode
 from dicomnode.storage import InstanceStore, validate_uid
 
 log = logging.getLogger("dicomnode.worker")
@@ -162,8 +163,10 @@ class Worker:
             self.db, job.id, self.identity, self.settings.queue.heartbeat_interval_s
         ) as beat:
             try:
-                outcome = self.pipeline.run(load_study(self.db, self.instances, job))
-                items = self._store_results(job, outcome)
+                study = load_study(self.db, self.instances, job)
+                outcome = self.pipeline.run(study)
+                objects = encode(outcome, study, self.settings.outputs)
+                items = self._store_results(job, objects)
             except Exception as exc:
                 detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
                 log.error("job %d failed: %s\n%s", job.id, detail, traceback.format_exc())
@@ -198,10 +201,12 @@ class Worker:
             log.warning("job %d was reclaimed while it ran; its results are discarded", job.id)
         return True
 
-    def _store_results(self, job: ClaimedJob, outcome: PipelineOutcome) -> Sequence[OutboxItem]:
+    def _store_results(
+        self, job: ClaimedJob, objects: Sequence[ResultObject]
+    ) -> Sequence[OutboxItem]:
         """Write each result object durably under ``results/<StudyUID>/<SOPInstanceUID>.dcm``."""
         items = []
-        for obj in outcome.results:
+        for obj in objects:
             relative = (
                 f"{validate_uid(job.study_instance_uid)}/"
                 f"{validate_uid(obj.sop_instance_uid, 'result SOPInstanceUID')}.dcm"

@@ -43,6 +43,7 @@ from dicomnode.inference.geometry import (
 )
 from dicomnode.inference.gradcam import GradCAM
 from dicomnode.inference.registry import (
+    CodedClass,
     ModelSpec,
     configure_devices,
     load_model,
@@ -123,6 +124,8 @@ class CXRStudyResult:
     models: list[ModelUsed]
     strategy: str
     timings: dict[str, float]
+    classes: list[CodedClass] = field(default_factory=list)
+    """The members' classes in output order, with their codes (for the SR)."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -283,6 +286,7 @@ class CXRPipeline:
             models=self.models_used(),
             strategy=self.settings.strategy,
             timings=timer.seconds,
+            classes=list(self.specs[self.settings.members[0]].classes),
         )
 
     def _predict(self, name: str, batch: np.ndarray) -> np.ndarray:

@@ -207,6 +207,10 @@ def build_heatmap_sc(
     )
     if "BodyPartExamined" in source:
         sc.BodyPartExamined = source.BodyPartExamined
+        # General Series Laterality (Type 2C) depends on the body part: copy the
+        # source's when it has one (even empty), never a guess.
+        if "Laterality" in source:
+            sc.Laterality = source.Laterality
     if source.get("LossyImageCompression") == "01":
         sc.LossyImageCompression = "01"  # derived from a lossy image (PS3.3 C.7.6.1.1.5)
         for keyword in ("LossyImageCompressionMethod", "LossyImageCompressionRatio"):

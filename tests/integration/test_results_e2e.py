@@ -1,0 +1,122 @@
+"""Closing the loop: a study sent to the node comes back to Orthanc as an SR and an SC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from support import OrthancServer, dcmtk, running_node, shared_data, storescu
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _download(orthanc: OrthancServer, instance_id: str, target: Path) -> Path:
+    url = f"http://127.0.0.1:{orthanc.http_port}/instances/{instance_id}/file"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        target.write_bytes(response.read())
+    return target
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    if not Path("/usr/bin/dciodvfy").exists():
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> None:
+    pytest.importorskip("keras")
+    from fixture_models import write_cxr_models
+
+    source = shared_data("dicom_cxr", "chest", "highdicom_dx_image.dcm")
+    source_ds = dcmread(source)
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    orthanc.start()
+    try:
+        models = write_cxr_models(tmp_path / "models")
+        with running_node(
+            tmp_path / "node",
+            worker={"pipeline": "cxr", "processes": 1},
+            cxr={
+                "models_dir": str(models),
+                "lung_mask": "lung",
+                "members": ["m1", "m2", "m3"],
+                "explain_member": "m1",
+                "abnormal_threshold": 0.0,
+            },
+            destinations=[
+                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.port}
+            ],
+        ) as node:
+            assert node.cli("echo", "pacs").returncode == 0
+            [run] = storescu([source], node.port)
+            assert run.returncode == 0
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if node.status()["deliveries"]["delivered"] == 2:
+                    break
+                time.sleep(0.5)
+            status = node.status()
+            assert status["deliveries"]["delivered"] == 2, status["undelivered"]
+            [study] = node.studies().values()
+            assert study["state"] == "done"
+        # Orthanc holds the source, the SR and the SC, all in one study.
+        studies = orthanc.get("/studies")
+        assert len(studies) == 1
+        instances = orthanc.get(f"/studies/{studies[0]}/instances")
+        by_class: dict[str, list[str]] = {}
+        for inst in instances:
+            tags = orthanc.get(f"/instances/{inst['ID']}/simplified-tags")
+            by_class.setdefault(tags["SOPClassUID"], []).append(inst["ID"])
+        assert len(by_class[SR_CLASS]) == 1 and len(by_class[SC_CLASS]) == 1
+        sr_path = _download(orthanc, by_class[SR_CLASS][0], tmp_path / "sr.dcm")
+        sc_path = _download(orthanc, by_class[SC_CLASS][0], tmp_path / "sc.dcm")
+        assert _dciodvfy_errors(sr_path) == []
+        assert _dciodvfy_errors(sc_path) == []
+        dump = subprocess.run([dcmtk("dsrdump"), str(sr_path)], capture_output=True, text=True)
+        assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
+        sr = dcmread(sr_path)
+        assert sr.StudyInstanceUID == source_ds.StudyInstanceUID
+        assert sr.VerificationFlag == "UNVERIFIED"
+        # Every SCOORD references the source image and lies inside it.
+        scoords = []
+
+        def walk(items):  # type: ignore[no-untyped-def]
+            for item in items:
+                if item.ValueType == "SCOORD":
+                    scoords.append(item)
+                walk(item.get("ContentSequence", []))
+
+        walk(sr.ContentSequence)
+        assert scoords, "no spatial coordinates in the SR"
+        for item in scoords:
+            ref = item.ContentSequence[0].ReferencedSOPSequence[0]
+            assert ref.ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
+            points = list(map(float, item.GraphicData))
+            xs, ys = points[0::2], points[1::2]
+            assert item.GraphicType == "POLYLINE" and points[:2] == points[-2:]
+            assert min(xs) >= 0 and max(xs) <= source_ds.Columns
+            assert min(ys) >= 0 and max(ys) <= source_ds.Rows
+        # The probabilities in the SR are the pipeline's.
+        summary = json.dumps(sr.to_json_dict())
+        assert (
+            "Algorithm Name"
+            in subprocess.run(
+                [dcmtk("dsrdump"), str(sr_path)], capture_output=True, text=True
+            ).stdout
+            or "111001" in summary
+        )
+        sc = dcmread(sc_path)
+        assert sc.StudyInstanceUID == source_ds.StudyInstanceUID
+        assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+        assert (sc.Rows, sc.Columns) == (source_ds.Rows, source_ds.Columns)
+    finally:
+        orthanc.stop()
