@@ -87,6 +87,9 @@ def test_sigkill_while_receiving_and_while_processing_loses_nothing_and_runs_onc
         worker=PIPELINE,
         quiet_period_s={"CT": 3.0},
         destinations=DESTINATIONS,
+        # Killed workers are reclaimed at once (dead process on this host); a long stall
+        # timeout keeps a busy CI machine's late heartbeats from counting as deaths.
+        queue={"heartbeat_interval_s": 0.5, "stalled_after_s": 20},
     ) as node:
         node.env = {"DICOMNODE_TEST_DELAY_S": "1.5"}
         node.stop()
