@@ -202,6 +202,18 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class ClientTLSSettings:
+    """``[destinations.tls]``: send over TLS, verifying the peer against these CAs."""
+
+    ca_certificates: Path
+    certificate: Path | None = None
+    """With ``private_key``: our client certificate, for peers that require one."""
+    private_key: Path | None = None
+    server_name: str | None = None
+    """Check the peer's certificate is for this name (off when unset: IP-only sites)."""
+
+
+@dataclass(frozen=True)
 class DestinationSettings:
     """One ``[[destinations]]`` entry: a PACS the results are sent to."""
 
@@ -209,6 +221,7 @@ class DestinationSettings:
     ae_title: str
     host: str
     port: int
+    tls: ClientTLSSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -515,7 +528,24 @@ def _parse_completion(root: _Reader) -> CompletionSettings:
     return s
 
 
-def _parse_destinations(root: _Reader) -> tuple[DestinationSettings, ...]:
+def _parse_client_tls(parent: _Reader, base_dir: Path) -> ClientTLSSettings | None:
+    if "tls" not in parent.table:
+        parent.seen.add("tls")
+        return None
+    r = _Reader(_table(parent, "tls"), f"{parent.path}.tls", parent.problems)
+    ca = _existing_file(r, "ca_certificates", base_dir, required=True)
+    certificate = _existing_file(r, "certificate", base_dir, required=False)
+    private_key = _existing_file(r, "private_key", base_dir, required=False)
+    if (certificate is None) != (private_key is None) and not r.problems:
+        r.problem("certificate", "and private_key go together: give both or neither")
+    server_name = r.get("server_name", str, None)
+    r.check_unknown()
+    if ca is None:
+        return None
+    return ClientTLSSettings(ca, certificate, private_key, server_name)
+
+
+def _parse_destinations(root: _Reader, base_dir: Path) -> tuple[DestinationSettings, ...]:
     out: list[DestinationSettings] = []
     names: set[str] = set()
     for i, item in _tables(root, "destinations"):
@@ -532,10 +562,13 @@ def _parse_destinations(root: _Reader) -> tuple[DestinationSettings, ...]:
         port = r.number("port", int, None, 1, 65535)
         if port is None and "port" not in item:
             r.problem("port", "is required (the peer's DICOM port)")
+        tls = _parse_client_tls(r, base_dir)
         r.check_unknown()
         if name and title and host and port:
             names.add(name)
-            out.append(DestinationSettings(name=name, ae_title=title, host=host, port=port))
+            out.append(
+                DestinationSettings(name=name, ae_title=title, host=host, port=port, tls=tls)
+            )
     return tuple(out)
 
 
@@ -688,7 +721,7 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         storage=_parse_storage(root),
         receive=_parse_receive(root, base_dir),
         completion=_parse_completion(root),
-        destinations=_parse_destinations(root),
+        destinations=_parse_destinations(root, base_dir),
         queue=_parse_queue(root),
         worker=_parse_worker(root),
         outbox=_parse_outbox(root),

@@ -13,6 +13,7 @@ is at least once, and a PACS keeps one copy per SOP Instance UID.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
@@ -76,12 +77,34 @@ def claim_deliveries(db: Database, limit: int = 50, lease_s: float = LEASE_S) ->
     return [Claimed(*row) for row in rows]
 
 
+def tls_args(destination: DestinationSettings) -> tuple[ssl.SSLContext, str | None] | None:
+    """pynetdicom's ``tls_args`` for a destination with ``[destinations.tls]``, else None."""
+    tls = destination.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_certificates))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = tls.server_name is not None
+    if tls.certificate is not None and tls.private_key is not None:
+        context.load_cert_chain(certfile=tls.certificate, keyfile=tls.private_key)
+    return context, tls.server_name
+
+
+def _associate(ae: AE, destination: DestinationSettings) -> Any:
+    return ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=tls_args(destination),
+    )
+
+
 def echo(destination: DestinationSettings, calling_ae_title: str, timeout_s: float = 30) -> str:
     """C-ECHO a destination; return a one-line outcome (raises nothing)."""
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = _associate(ae, destination)
     if not assoc.is_established:
         return _association_failure(assoc, destination)
     try:
@@ -153,7 +176,7 @@ class Sender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         for sop_class in sorted({i.sop_class_uid for i in items}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = _associate(ae, destination)
         if not assoc.is_established:
             reason = _association_failure(assoc, destination)
             for item in items:
@@ -194,7 +217,7 @@ class Sender:
             self._record(item, False, None, "association ended before this object was sent")
         return delivered
 
-    def run(self, stop: threading.Event, interval_s: float = 1.0) -> None:
+    def run(self, stop: threading.Event, interval_s: float = 0.25) -> None:
         """Send until ``stop`` is set; never lets an error end the loop."""
         while not stop.is_set():
             try:

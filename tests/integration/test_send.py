@@ -133,3 +133,46 @@ def test_a_destination_that_rejects_leaves_a_visible_failure(tmp_path: Path) -> 
         assert orthanc.get("/instances") == []
     finally:
         orthanc.stop()
+
+
+def test_sending_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """The destination is another node that accepts DICOM over TLS from known CAs only."""
+    from support import make_pki, running_node
+
+    pki = make_pki(tmp_path / "pki")
+    tls = {
+        "certificate": str(pki / "server.crt"),
+        "private_key": str(pki / "server.key"),
+        "ca_certificates": str(pki / "ca.crt"),
+    }
+    with running_node(
+        tmp_path / "pacs", **{"receive": {"allow_unknown_callers": True}, "receive.tls": tls}
+    ) as pacs:
+        config = write_config(
+            tmp_path / "node",
+            1,
+            destinations=[
+                {"name": "pacs", "ae_title": "DICOMNODE", "host": "127.0.0.1", "port": pacs.port}
+            ],
+        )
+        # [destinations.tls] belongs to the last [[destinations]] table.
+        config.write_text(
+            config.read_text()
+            + "\n[destinations.tls]\n"
+            + f'ca_certificates = "{pki / "ca.crt"}"\n'
+            + f'certificate = "{pki / "client.crt"}"\n'
+            + f'private_key = "{pki / "client.key"}"\n'
+        )
+        settings = load_settings(config)
+        assert settings.destinations[0].tls is not None
+        assert echo(settings.destinations[0], settings.node.ae_title) == "success"
+        db = Database(settings.database.url)
+        db.migrate()
+        results = make_results_store(settings)
+        results.prepare()
+        sender = Sender(settings, db, results)
+        uid = _queue_result(settings, db, sender)
+        assert sender.send_due() == 1
+        assert _row(db).status == DeliveryStatus.DELIVERED
+        stored = {p.stem for p in (pacs.data_dir / "instances").rglob("*.dcm")}
+        assert uid in stored

@@ -2,89 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from support import dcmtk, make_instance, running_node
+from support import dcmtk, make_instance, make_pki, running_node
 
 pytestmark = pytest.mark.integration
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _pki(folder: Path) -> Path:
-    """A CA, a server certificate for 127.0.0.1, a client certificate, and a stranger's."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    folder.mkdir()
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        cwd=folder,
-    )
-    for name in ("server", "client"):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            cwd=folder,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            f"{name}.crt",
-            cwd=folder,
-        )
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=stranger",
-        "-keyout",
-        "stranger.key",
-        "-out",
-        "stranger.crt",
-        cwd=folder,
-    )
-    return folder
 
 
 def _echo(port: int, *tls: str) -> subprocess.CompletedProcess[str]:
@@ -97,7 +22,7 @@ def _echo(port: int, *tls: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_tls_with_client_certificates(tmp_path: Path) -> None:
-    pki = _pki(tmp_path / "pki")
+    pki = make_pki(tmp_path / "pki")
     tls = {
         "certificate": str(pki / "server.crt"),
         "private_key": str(pki / "server.key"),
