@@ -39,7 +39,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +46,11 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from results import RESULTS, machine_description, write_section  # noqa: E402
-from support import PostgresServer, pg_bin_dir  # noqa: E402
+from support import PostgresServer, index_study, pg_bin_dir  # noqa: E402
 
 from dicomnode.completion import CompletionScheduler, complete_due_studies  # noqa: E402
 from dicomnode.config import CompletionSettings, QueueSettings  # noqa: E402
 from dicomnode.db import Database, Job, Study, utcnow  # noqa: E402
-from dicomnode.index import InstanceMeta, Provenance, record_instance  # noqa: E402
 from dicomnode.queue import claim, enqueue, finish  # noqa: E402
 
 QUEUE = QueueSettings()
@@ -61,20 +59,6 @@ QUEUE = QueueSettings()
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _receive(db: Database, completion: CompletionSettings, when: dt.datetime) -> str:
-    uid = generate_uid()
-    meta = InstanceMeta(
-        StudyInstanceUID=uid,
-        SeriesInstanceUID=generate_uid(),
-        SOPInstanceUID=generate_uid(),
-        SOPClassUID="1.2.840.10008.5.1.4.1.1.1",
-        TransferSyntaxUID="1.2.840.10008.1.2.1",
-        Modality="CR",
-    )
-    record_instance(db, meta, Provenance("BENCH", "127.0.0.1", "x", 1), completion, when)
-    return uid
 
 
 def _workers(db: Database, count: int, stop: threading.Event, claims: list[float]) -> list:
@@ -124,7 +108,7 @@ def throughput(url: str, db: Database, jobs: int, workers: int) -> tuple[float, 
     completion = CompletionSettings(quiet_period_s={"default": 0.0}, force_complete_s=60)
     now = utcnow()
     for _ in range(jobs):
-        _receive(db, completion, now)
+        index_study(db, completion, now)
     complete_due_studies(db, on_complete=lambda s, study: enqueue(s, study, QUEUE, utcnow()))
     ctx = multiprocessing.get_context("spawn")
     go, out = ctx.Event(), ctx.Queue()
@@ -164,7 +148,7 @@ def latency(db: Database, studies: int, workers: int) -> tuple[float, float]:
     threads = _workers(db, workers, stop, claims)
     uids = []
     for _ in range(studies):
-        uids.append(_receive(db, completion, utcnow()))
+        uids.append(index_study(db, completion, utcnow()))
         time.sleep(0.02)
     deadline = time.monotonic() + 60
     while len(claims) < studies and time.monotonic() < deadline:

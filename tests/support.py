@@ -621,3 +621,39 @@ def make_pki(folder: Path) -> Path:
         cwd=folder,
     )
     return folder
+
+
+def index_study(db: Any, completion: Any, when: Any = None, modality: str = "CR") -> str:
+    """Index a one-instance study as the receiver would (no file); return its Study UID."""
+    from dicomnode.db import utcnow
+    from dicomnode.index import InstanceMeta, Provenance, record_instance
+
+    uid = generate_uid()
+    meta = InstanceMeta(
+        StudyInstanceUID=uid,
+        SeriesInstanceUID=generate_uid(),
+        SOPInstanceUID=generate_uid(),
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.1",
+        TransferSyntaxUID="1.2.840.10008.1.2.1",
+        Modality=modality,
+    )
+    record_instance(db, meta, Provenance("TEST", "127.0.0.1", "x", 1), completion, when or utcnow())
+    return uid
+
+
+def queue_studies(db: Any, settings: Any, n: int) -> list[str]:
+    """``n`` indexed, completed and queued one-instance studies; their Study UIDs."""
+    from datetime import timedelta
+
+    from dicomnode.completion import complete_due_studies
+    from dicomnode.db import utcnow
+    from dicomnode.queue import enqueue
+
+    t0 = utcnow()
+    uids = [index_study(db, settings.completion, t0) for _ in range(n)]
+    complete_due_studies(
+        db,
+        t0 + timedelta(hours=24),
+        on_complete=lambda s, study: enqueue(s, study, settings.queue, t0),
+    )
+    return uids

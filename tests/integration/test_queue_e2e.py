@@ -21,6 +21,7 @@ from support import (
     dcmtk,
     make_instance,
     node_env,
+    queue_studies,
     running_node,
     storescu,
     write_config,
@@ -171,36 +172,6 @@ def _start_worker(config: Path, log: Path, delay: str = "0.1") -> subprocess.Pop
     )
 
 
-def _queue_studies(db: Database, settings: Any, n: int) -> list[str]:
-    from datetime import timedelta
-
-    from dicomnode.completion import complete_due_studies
-    from dicomnode.db import utcnow
-    from dicomnode.index import InstanceMeta, Provenance, record_instance
-    from dicomnode.queue import enqueue
-
-    t0 = utcnow()
-    uids = []
-    for _ in range(n):
-        uid = generate_uid()
-        meta = InstanceMeta(
-            StudyInstanceUID=uid,
-            SeriesInstanceUID=generate_uid(),
-            SOPInstanceUID=generate_uid(),
-            SOPClassUID="1.2.840.10008.5.1.4.1.1.1",
-            TransferSyntaxUID="1.2.840.10008.1.2.1",
-            Modality="CR",
-        )
-        record_instance(db, meta, Provenance("MOD", "127.0.0.1", "x", 1), settings.completion, t0)
-        uids.append(uid)
-    complete_due_studies(
-        db,
-        t0 + timedelta(seconds=3600),
-        on_complete=lambda s, study: enqueue(s, study, settings.queue, t0),
-    )
-    return uids
-
-
 def test_three_worker_processes_on_postgresql_share_50_studies(
     tmp_path: Path, postgres: Any
 ) -> None:
@@ -215,7 +186,7 @@ def test_three_worker_processes_on_postgresql_share_50_studies(
     settings = load_settings(config)
     db = Database(url)
     db.migrate()
-    uids = _queue_studies(db, settings, 50)
+    uids = queue_studies(db, settings, 50)
     workers = [_start_worker(config, tmp_path / f"worker{i}.log") for i in range(3)]
     try:
         deadline = time.monotonic() + 180

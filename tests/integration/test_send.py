@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fixture_pipelines import _result
-from pydicom.uid import generate_uid
 from sqlalchemy import select, update
-from support import OrthancServer, write_config
+from support import OrthancServer, queue_studies, write_config
 
 from dicomnode.config import load_settings
 from dicomnode.db import Database, Delivery, DeliveryStatus, utcnow
 from dicomnode.pipelines.base import StudyInput
-from dicomnode.queue import OutboxItem, claim, enqueue, finish
+from dicomnode.queue import OutboxItem, claim, finish
 from dicomnode.send import Sender, echo
 from dicomnode.serve import make_results_store
 
@@ -47,23 +45,7 @@ def _setup(tmp_path: Path, orthanc: OrthancServer, **extra: Any) -> tuple[Any, D
 
 def _queue_result(settings: Any, db: Database, sender: Sender) -> str:
     """A finished job whose one result object waits in the outbox; returns its SOP UID."""
-    from dicomnode.completion import complete_due_studies
-    from dicomnode.index import InstanceMeta, Provenance, record_instance
-
-    study_uid = generate_uid()
-    meta = InstanceMeta(
-        StudyInstanceUID=study_uid,
-        SeriesInstanceUID=generate_uid(),
-        SOPInstanceUID=generate_uid(),
-        SOPClassUID="1.2.840.10008.5.1.4.1.1.1",
-        TransferSyntaxUID="1.2.840.10008.1.2.1",
-        Modality="CR",
-    )
-    now = utcnow()
-    record_instance(db, meta, Provenance("X", "127.0.0.1", "x", 1), settings.completion, now)
-    complete_due_studies(
-        db, now + timedelta(hours=2), on_complete=lambda s, st: enqueue(s, st, settings.queue, now)
-    )
+    [study_uid] = queue_studies(db, settings, 1)
     job = claim(db, "t:1:w")
     assert job is not None
     obj = _result(StudyInput(study_uid, ()))
