@@ -6,6 +6,8 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 packages=(dcmtk orthanc orthanc-dicomweb dicom3tools postgresql)
+# Chromium: the headless browser the viewer test opens OHIF in (tests/integration/test_viewer.py).
+packages+=(chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -82,8 +83,9 @@ class Browser:
         self._cond = threading.Condition()
         self._closed = False
         profile.mkdir(parents=True, exist_ok=True)
-        # Two pipes: we write commands into the first (Chromium's fd 3), read from the second
-        # (Chromium's fd 4). bash puts them on 3 and 4 (pass_fds keeps the numbers they have).
+        # Two pipes: we write commands into the first (Chromium's fd 3) and read from the
+        # second (Chromium's fd 4). pass_fds hands Chromium's ends over under their own
+        # numbers; bash then moves them onto 3 and 4 and execs Chromium.
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
         # Chromium's ends move above 3 and 4 so that the redirections cannot clobber them.
@@ -96,7 +98,8 @@ class Browser:
             f"--window-size={width},{height}",
             "about:blank",
         ]
-        script = f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w} {to_browser_r}<&- {from_browser_w}>&-'
+        r, w = to_browser_r, from_browser_w
+        script = f'exec "$@" 3<&{r} 4>&{w} {r}<&- {w}>&-'
         self.log_path = profile / "chromium.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -105,6 +108,7 @@ class Browser:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 pass_fds=(to_browser_r, from_browser_w),
+                start_new_session=True,  # its own process group: its helpers go with it
             )
         os.close(to_browser_r)
         os.close(from_browser_w)
@@ -146,7 +150,12 @@ class Browser:
             buffer += chunk
             *messages, buffer = buffer.split(b"\0")
             for raw in messages:
-                self._dispatch(json.loads(raw))
+                try:
+                    message = json.loads(raw)
+                except ValueError:
+                    self.events.append(f"unreadable protocol message: {raw[:200]!r}")
+                    continue
+                self._dispatch(message)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -170,7 +179,8 @@ class Browser:
             self.events.append(f"exception: {text}"[:2000])
         elif method == "Log.entryAdded":
             entry = params.get("entry", {})
-            self.events.append(f"log.{entry.get('level')}: {entry.get('text')} {entry.get('url', '')}")
+            where = entry.get("url", "")
+            self.events.append(f"log.{entry.get('level')}: {entry.get('text')} {where}".rstrip())
 
     def send(
         self,
@@ -187,8 +197,10 @@ class Browser:
         target_session = self.session if session == "" else session
         if target_session:
             message["sessionId"] = target_session
+        data = memoryview(json.dumps(message).encode() + b"\0")
         try:
-            os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+            while data:
+                data = data[os.write(self._to_browser, data) :]
         except OSError as exc:
             raise BrowserError(f"Chromium is gone ({exc}); log:\n{self.log()}") from exc
         deadline = time.monotonic() + timeout
@@ -252,13 +264,15 @@ class Browser:
             f"{', last error ' + last_error if last_error else ''}); page events:\n{tail}"
         )
 
-    def double_click(self, selector: str) -> None:
-        """Double-click the middle of the first element matching a CSS selector, as a user
-        would (real mouse events through the browser's input pipeline, not synthetic DOM
-        events)."""
+    def click(self, element: str, count: int = 1) -> None:
+        """Click (``count`` = 2: double-click) the middle of an element, as a user would: real
+        mouse events through the browser's input pipeline, not synthetic DOM events.
+
+        ``element`` is a JavaScript expression giving the element (or null).
+        """
         box = self.evaluate(
             f"""(() => {{
-                const element = document.querySelector({json.dumps(selector)});
+                const element = {element};
                 if (!element) return null;
                 element.scrollIntoView({{block: 'center'}});
                 const r = element.getBoundingClientRect();
@@ -266,13 +280,13 @@ class Browser:
             }})()"""
         )
         if not box:
-            raise BrowserError(f"no element matches {selector!r}")
+            raise BrowserError(f"no element for {element}")
         self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", **box})
-        for count in (1, 2):
+        for clicks in range(1, count + 1):
             for kind in ("mousePressed", "mouseReleased"):
                 self.send(
                     "Input.dispatchMouseEvent",
-                    {"type": kind, "button": "left", "clickCount": count, **box},
+                    {"type": kind, "button": "left", "clickCount": clicks, **box},
                 )
 
     def screenshot(self, path: Path) -> Path:
@@ -294,7 +308,8 @@ class Browser:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         # Chromium's exit closes its end of the pipe: the reader sees EOF and stops.
         self._reader.join(5)

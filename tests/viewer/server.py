@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import shutil
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -67,7 +68,10 @@ def app_config(dicomweb_path: str = "/dicom-web") -> str:
     The roots are built from ``window.location.origin`` in the page, so the configuration
     does not depend on the port the server happens to get. Dialogs that would cover the
     viewer in a screenshot (investigational-use notice, CPU-rendering notice, the guided
-    tour) are turned off.
+    tour) are turned off, and so are confirmation prompts: opening an SR that OHIF can
+    hydrate then hydrates it straight away (its measurements go to the measurement service
+    and are tracked) instead of asking first. ``onBeforeSRAddMeasurement`` works around an
+    OHIF 3.13.2 crash (see ``_SKIP_UNPLACED``).
     """
     source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
@@ -112,7 +116,8 @@ def app_config(dicomweb_path: str = "/dicom-web") -> str:
     root = f"window.location.origin + {json.dumps(dicomweb_path)}"
     text = json.dumps(config, indent=2).replace('"@ROOT@"', root)
     text = text.replace('"@SKIP_UNPLACED@"', _SKIP_UNPLACED)
-    return f"/** Written by tests/viewer/server.py for the viewer test. */\nwindow.config = {text};\n"
+    header = "/** Written by tests/viewer/server.py for the viewer test. */"
+    return f"{header}\nwindow.config = {text};\n"
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -260,6 +265,12 @@ class ViewerServer(ThreadingHTTPServer):
     def log_request_line(self, line: str) -> None:
         with self._lock:
             self.requests.append(line)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a failed request in ``requests`` (e.g. the page went away mid-answer) instead
+        of printing a traceback."""
+        error = sys.exc_info()[1]
+        self.log_request_line(f"error answering {client_address}: {error!r}")
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="viewer-http", daemon=True)

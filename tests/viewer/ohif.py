@@ -1,0 +1,124 @@
+"""What the OHIF page exposes, and how the viewer test reads it.
+
+OHIF's cornerstone extension puts its state on ``window`` (its own end-to-end tests read it
+there): ``window.services`` (the service manager's services: ``displaySetService``,
+``measurementService``, ``viewportGridService``, ...), ``window.commandsManager``,
+``window.cornerstone`` (``@cornerstonejs/core``: metadata, coordinate transforms) and
+``window.cornerstoneTools`` (``@cornerstonejs/tools``: the annotation state).
+
+When an SR display set is opened, OHIF's ``cornerstone-dicom-sr`` extension parses the
+report's measurement groups and, for each group with an SCOORD on an image the study
+shows, adds an annotation of its ``DICOMSRDisplay`` tool to the annotation state: its
+``annotationUID`` is the group's Tracking Unique Identifier, ``metadata.referencedImageId``
+the image's WADO-RS image id, ``data.renderableData.POLYLINE`` the polyline in world
+coordinates. Hydration (which OHIF runs on opening a rehydratable SR when confirmation
+prompts are off) then turns the groups it can map to a measurement tool into measurements
+in ``measurementService`` (e.g. a closed 5-point polyline becomes a ``RectangleROI``).
+Coordinates are turned back into image pixels with ``cornerstone.utilities.worldToImageCoords``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from viewer.browser import Browser, BrowserError
+
+#: The annotation state and the measurement state, in image (pixel) coordinates.
+_STATE = """(() => {
+  const cs = window.cornerstone, tools = window.cornerstoneTools;
+  const toImage = (imageId, points) =>
+    points.map(p => Array.from(cs.utilities.worldToImageCoords(imageId, p)));
+  const sopOf = imageId => (cs.metaData.get('instance', imageId) || {}).SOPInstanceUID || null;
+  const annotations = tools.annotation.state.getAllAnnotations()
+    .filter(a => a.metadata && a.metadata.toolName === 'DICOMSRDisplay')
+    .map(a => {
+      const imageId = a.metadata.referencedImageId;
+      const polylines = ((a.data.renderableData || {}).POLYLINE || []);
+      return {
+        uid: a.annotationUID,
+        tracking_uid: a.data.TrackingUniqueIdentifier || null,
+        sop: imageId ? sopOf(imageId) : null,
+        polylines: imageId ? polylines.map(pl => toImage(imageId, pl)) : [],
+      };
+    });
+  const measurements = window.services.measurementService.getMeasurements().map(m => ({
+    uid: m.uid,
+    tool: m.toolName,
+    sop: m.SOPInstanceUID || null,
+    label: m.label || null,
+    points: m.referencedImageId && m.points ? toImage(m.referencedImageId, m.points) : [],
+  }));
+  return {annotations, measurements};
+})()"""
+
+
+def wait_until_showing(browser: Browser, sop_instance_uid: str, timeout: float) -> None:
+    """Wait until OHIF is up and a viewport shows the image ``sop_instance_uid``."""
+    browser.wait_for(
+        f"""(() => {{
+            if (!window.services || !window.cornerstone) return false;
+            const shown = window.cornerstone.getEnabledElements().map(e => {{
+                const v = e.viewport;
+                return (v && v.getCurrentImageId && v.getCurrentImageId()) || '';
+            }});
+            return shown.some(id => id.includes({json.dumps("/instances/" + sop_instance_uid)}));
+        }})()""",
+        timeout,
+        f"OHIF to show image {sop_instance_uid}",
+    )
+
+
+def series_thumbnail(series_description: str) -> str:
+    """JavaScript for the study browser's thumbnail of the series with this description."""
+    return f"""[...document.querySelectorAll('[data-cy^="study-browser-thumbnail"]')]
+        .find(e => e.textContent.includes({json.dumps(series_description)}))"""
+
+
+def open_series(browser: Browser, series_description: str) -> None:
+    """Double-click a series in the study browser, as a reader opens it."""
+    browser.click(series_thumbnail(series_description), count=2)
+
+
+def wait_for_sr(browser: Browser, annotations: int, timeout: float) -> dict[str, Any]:
+    """Wait until the SR shows as ``annotations`` SR annotations and at least one
+    measurement; return :func:`state` (whatever it is when the time is up)."""
+    # On a timeout the caller's assertions say what is missing, with the state.
+    with contextlib.suppress(BrowserError):
+        browser.wait_for(
+            f"""(() => {{
+                const s = {_STATE};
+                return s.annotations.filter(a => a.sop).length >= {annotations}
+                    && s.measurements.length >= 1;
+            }})()""",
+            timeout,
+            "the SR's annotations and measurements",
+        )
+    return state(browser)
+
+
+def state(browser: Browser) -> dict[str, Any]:
+    """``{"annotations": [...], "measurements": [...]}``: the SR annotations
+    (``uid``, ``tracking_uid``, ``sop``, ``polylines``) and the measurements (``uid``, ``tool``,
+    ``sop``, ``label``, ``points``), coordinates in image pixels."""
+    value = browser.evaluate(_STATE)
+    return dict(value) if isinstance(value, dict) else {"annotations": [], "measurements": []}
+
+
+def open_measurements_panel(browser: Browser, timeout: float = 10) -> None:
+    """Open the right-hand Measurements panel (it lists the tracked measurements)."""
+    browser.click("""document.querySelector('[data-cy="trackedMeasurements-btn"]')""")
+    browser.wait_for(
+        """!!document.querySelector('[data-cy="trackedMeasurements-panel"]')""",
+        timeout,
+        "the Measurements panel",
+    )
+
+
+def settle(browser: Browser) -> None:
+    """Let the page finish rendering: two animation frames, then a short pause."""
+    browser.evaluate(
+        "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => "
+        "setTimeout(r, 500))))"
+    )
