@@ -46,6 +46,8 @@ class InstanceMeta:
     PatientID: str | None = None
     AccessionNumber: str | None = None
     StudyDate: str | None = None
+    ViewEvidence: str | None = None
+    """AcquisitionDeviceProcessingDescription | ProtocolName | ViewCodeSequence meaning."""
     DerivedUIDs: tuple[str, ...] = ()
     """Keywords whose UID was missing and derived by the node (see ``receive.meta``)."""
 
@@ -177,6 +179,7 @@ def record_instance(
             "body_part_examined": meta.BodyPartExamined,
             "view_position": meta.ViewPosition,
             "image_type": meta.ImageType,
+            "view_evidence": meta.ViewEvidence,
             "photometric_interpretation": meta.PhotometricInterpretation,
             "rows": meta.Rows,
             "columns": meta.Columns,

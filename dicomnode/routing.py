@@ -84,7 +84,11 @@ def classify_cxr(instance: InstanceInput, rules: RoutingSettings) -> Skipped | N
         return Skipped(uid, OTHER_VIEW, f"ViewPosition {view}")
     if not view:
         # No view: frontal unless other evidence says lateral.
-        evidence = _words(instance.series_description) | _words(instance.image_type)
+        evidence = (
+            _words(instance.series_description)
+            | _words(instance.image_type)
+            | _words(instance.view_evidence)
+        )
         lateral = evidence & set(rules.lateral_words)
         if lateral:
             return Skipped(uid, LATERAL_VIEW, f"description says {sorted(lateral)[0]}")

@@ -69,6 +69,7 @@ def load_study(db: Database, store: InstanceStore, job: ClaimedJob) -> StudyInpu
                 rows=inst.rows,
                 columns=inst.columns,
                 series_description=description,
+                view_evidence=inst.view_evidence,
             )
             for inst, series_uid, description in rows
         ),

@@ -164,6 +164,8 @@ class Instance(Base):
     view_position: Mapped[str | None] = mapped_column(String(16))
     image_type: Mapped[str | None] = mapped_column(String(200))
     """ImageType values joined by a backslash, as in the DICOM encoding."""
+    view_evidence: Mapped[str | None] = mapped_column(String(200))
+    """Free text that may tell the view (see ``receive.meta``), for routing."""
     photometric_interpretation: Mapped[str | None] = mapped_column(String(16))
     rows: Mapped[int | None] = mapped_column(Integer)
     columns: Mapped[int | None] = mapped_column(Integer)

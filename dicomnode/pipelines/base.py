@@ -28,6 +28,7 @@ class InstanceInput:
     rows: int | None
     columns: int | None
     series_description: str | None = None
+    view_evidence: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ on the receive path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ def read_instance_meta(
                 "NumberOfFrames",
                 "InstanceNumber",
                 "SeriesDescription",
+                "AcquisitionDeviceProcessingDescription",
+                "ProtocolName",
                 "SeriesNumber",
                 "PatientID",
                 "AccessionNumber",
@@ -143,8 +146,27 @@ def read_instance_meta(
         PatientID=_text(ds, "PatientID", 64),
         AccessionNumber=_text(ds, "AccessionNumber", 64),
         StudyDate=_text(ds, "StudyDate", 8),
+        ViewEvidence=_view_evidence(ds),
         DerivedUIDs=tuple(derived),
     )
+
+
+def _view_evidence(ds: Dataset) -> str | None:
+    """Free text that may say which view a radiograph is, when ViewPosition does not.
+
+    AcquisitionDeviceProcessingDescription (CR/DX plates often say "CHEST LAT"),
+    the ViewCodeSequence meaning, and ProtocolName, joined by " | ".
+    """
+    parts = [
+        _text(ds, "AcquisitionDeviceProcessingDescription", 64),
+        _text(ds, "ProtocolName", 64),
+    ]
+    with contextlib.suppress(Exception):  # a malformed sequence is no evidence
+        view = ds.get("ViewCodeSequence")
+        if view:
+            parts.append(str(view[0].get("CodeMeaning", "")).strip() or None)
+    text = " | ".join(p for p in parts if p)
+    return text[:200] or None
 
 
 #: Attributes that identify a study / a series when its UID is missing.

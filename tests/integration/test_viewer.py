@@ -144,8 +144,10 @@ def _components() -> tuple[str, Path]:
     return chromium, dist
 
 
-def _orthanc_instances(orthanc: OrthancServer, study_uid: str) -> dict[str, list[str]]:
-    """Orthanc's instance IDs in the study, by SOP Class UID."""
+def _orthanc_instances(
+    orthanc: OrthancServer, study_uid: str, source_sop: str
+) -> dict[str, list[str]]:
+    """Orthanc's instance IDs in the study, by SOP Class UID, without the source image."""
     [study_id] = [
         study["ID"]
         for study in orthanc.get("/studies?expand")
@@ -154,7 +156,8 @@ def _orthanc_instances(orthanc: OrthancServer, study_uid: str) -> dict[str, list
     by_class: dict[str, list[str]] = {}
     for instance in orthanc.get(f"/studies/{study_id}/instances"):
         tags = orthanc.get(f"/instances/{instance['ID']}/simplified-tags")
-        by_class.setdefault(tags["SOPClassUID"], []).append(instance["ID"])
+        if tags["SOPInstanceUID"] != source_sop:  # it may be a Secondary Capture itself
+            by_class.setdefault(tags["SOPClassUID"], []).append(instance["ID"])
     return by_class
 
 
@@ -184,7 +187,9 @@ def test_sr_boxes_open_as_measurements_in_ohif(tmp_path: Path) -> None:
     pytest.importorskip("keras")
     from fixture_models import write_cxr_models
 
-    source = shared_data("dicom_cxr", "chest", "highdicom_dx_image.dcm")
+    source = shared_data(
+        "dicom_cxr", "chest", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    )
     source_ds = dcmread(source, stop_before_pixels=True)
     study_uid, source_sop = str(source_ds.StudyInstanceUID), str(source_ds.SOPInstanceUID)
     orthanc = OrthancServer(tmp_path / "orthanc")
@@ -215,7 +220,7 @@ def test_sr_boxes_open_as_measurements_in_ohif(tmp_path: Path) -> None:
                 time.sleep(0.5)
             status = node.status()
             assert status["deliveries"]["delivered"] == 2, status["undelivered"]
-        by_class = _orthanc_instances(orthanc, study_uid)
+        by_class = _orthanc_instances(orthanc, study_uid, source_sop)
         assert len(by_class.get(SR_CLASS, [])) == 1 and len(by_class.get(SC_CLASS, [])) == 1
         sr = _download(orthanc, by_class[SR_CLASS][0])
         boxes = _sr_boxes(sr)
