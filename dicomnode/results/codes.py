@@ -48,3 +48,11 @@ PROCESSING_EQUIPMENT = CodedConcept.from_code(codes.DCM.ProcessingEquipment)
 
 #: Observer type of the report's observation context: DCM 121007 "Device".
 DEVICE = CodedConcept.from_code(codes.DCM.Device)
+
+#: Finding type of the analysed region when the lung mask found no lungs (the whole
+#: image was analysed): SCT "Chest" (pydicom's code dictionary).
+CHEST = CodedConcept.from_code(codes.SCT.Chest)
+
+#: Concept name of a measurement's INFERRED FROM SCOORD (TID 300 row 10):
+#: DCM 111030 "Image Region".
+IMAGE_REGION = CodedConcept.from_code(codes.DCM.ImageRegion)

@@ -8,26 +8,37 @@ a new series. The document (PS3.16 TID 1500):
 * Image Library: every analysed source image.
 * Imaging Measurements, for each analysed image, in this order:
 
-  1. a TID 1501 group "classification": one NUM per class of the manifests, named by
-     the class's coded concept (``[[classes]]`` of the model manifests), value the
-     ensemble's probability, unit UCUM ``1``; TID 4019 names the ensemble (the node's
-     version; parameters: the strategy and every member with its version);
-  2. one TID 1501 group per ensemble member, the same NUMs with that member's own
-     probabilities, and the member model's name and version in TID 4019;
-  3. the lung region (the lung crop box, when the lung mask found lungs): a TID 1410
-     planar ROI, finding SCT 39607008 "Lung", TID 4019 the lung-mask model;
-  4. each opacity box: a TID 1410 planar ROI, finding DCM 112033 "Abnormal opacity",
-     finding site SCT 39607008 "Lung", its confidence as NUM DCM 111012 "Certainty of
-     Finding" (unit UCUM ``1``); TID 4019 says which method made it: the detector model
-     (name and version) or ``Grad-CAM threshold`` (with the explained class).
+  1. the analysed region (the lung crop box; the whole image when the lung mask found no
+     lungs): a TID 1410 planar ROI, finding SCT 39607008 "Lung" (SCT "Chest" for the
+     whole image), TID 4019 the lung-mask model; no measurements of its own;
+  2. its class probabilities: TID 1501 groups with the region's Tracking Identifier and
+     Tracking Unique Identifier, the first for the ensemble (TID 4019 names the ensemble:
+     the node's version; parameters: the strategy and every member with its version),
+     then one per ensemble member (the member model's name and version); each has one NUM
+     per class of the manifests, named by the class's coded concept (``[[classes]]`` of the
+     model manifests), value the probability, unit UCUM ``1``, INFERRED FROM the region
+     (TID 300 "Image Region");
+  3. each opacity box: a TID 1410 planar ROI, finding DCM 112033 "Abnormal opacity",
+     finding site SCT 39607008 "Lung", TID 4019 the method that made it (the detector
+     model, name and version, or ``Grad-CAM threshold`` with the explained class); then,
+     when the box has a confidence, a TID 1501 group with the box's tracking identifiers,
+     finding and method, and one NUM DCM 111012 "Certainty of Finding" (unit UCUM ``1``)
+     INFERRED FROM the box.
 
-  Every group references its source image (TID 1501 "Source of Measurement", TID 1410
-  through the region's SELECTED FROM image). Boxes are closed POLYLINEs of 5 points,
+  Every region and every measurement references its source image (TID 1501 "Source of
+  Measurement", the regions' SELECTED FROM image). Boxes are closed POLYLINEs of 5 points,
   (column, row) in the source image's pixel coordinates of PS3.3 C.18.6.1.2 (the
   top-left corner of the top-left pixel is (0, 0)): a box (x, y, width, height) with
   its end exclusive has the corners (x, y), (x + width, y), (x + width, y + height),
   (x, y + height) and (x, y) again. Every ROI's Geometric Purpose is SCT 75958009
   "Bounded by": the rectangle bounds the finding.
+
+  Why the geometry and the measurements are in separate groups: TID 1410 keeps a region's
+  measurements (TID 1419) beside its SCOORD, while viewers built on the Cornerstone SR
+  adapters (OHIF 3) read a group's geometry from under its first NUM, and a group with no
+  coordinates at all breaks OHIF 3.13. Here every TID 1410 group has no NUM (it becomes a
+  measurement in OHIF, a rectangle), and OHIF merges the TID 1501 groups into it by their
+  shared Tracking Unique Identifier (their values become the measurement's labels).
 
 Header: patient and study modules copied from the first source dataset (values that
 break their VR are emptied, see :func:`~dicomnode.results.common.empty_invalid_copied_values`),
@@ -48,6 +59,7 @@ from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
     Comprehensive3DSR,
+    CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
@@ -340,8 +352,21 @@ def _tracking(
     )
 
 
+def _coordinates(box: Box, region_source: SourceImageForRegion) -> CoordinatesForMeasurement:
+    """The box as a measurement's INFERRED FROM SCOORD (TID 300 "Image Region")."""
+    return CoordinatesForMeasurement(
+        graphic_type=GraphicTypeValues.POLYLINE,
+        graphic_data=box_polyline(box),
+        source_image=region_source,
+        purpose=codes.IMAGE_REGION,
+    )
+
+
 def _probabilities(
-    probabilities: dict[str, float], concepts: dict[str, CodedConcept], image: CXRImageResult
+    probabilities: dict[str, float],
+    concepts: dict[str, CodedConcept],
+    image: CXRImageResult,
+    region: CoordinatesForMeasurement,
 ) -> list[Measurement]:
     missing = sorted(set(probabilities) - set(concepts))
     if missing:
@@ -350,7 +375,12 @@ def _probabilities(
             f"coded classes: {sorted(concepts)}"
         )
     return [
-        Measurement(name=concepts[name], value=float(probabilities[name]), unit=codes.UNITLESS)
+        Measurement(
+            name=concepts[name],
+            value=float(probabilities[name]),
+            unit=codes.UNITLESS,
+            referenced_coordinates=[region],
+        )
         for name in concepts
         if name in probabilities
     ]
@@ -366,83 +396,68 @@ def _image_groups(
     manufacturer: str,
     software_version: str,
 ) -> list[MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """The image's groups: each region (TID 1410, geometry only) followed by the TID 1501
+    groups of its measurements, which share its tracking identifiers."""
     study_uid, sop_uid, used = result.study_instance_uid, image.sop_instance_uid, result.models
     source_image = SourceImageForMeasurementGroup.from_source_image(source)
+    region_source = SourceImageForRegion.from_source_image(source)
     groups: list[
         MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
     ] = []
 
-    ensemble_members = [m for m in used if m.task in _MODEL_TASKS_IN_ENSEMBLE]
+    # The analysed region: the lung crop, or the whole image when no lung was found.
+    region_finding = codes.LUNG if image.lung_found else codes.CHEST
+    lung_tracking = _tracking(study_uid, used, f"{sop_uid}:lung", f"image {number}: lung region")
+    lung_models = [m for m in used if m.task == "lung-mask"]
     groups.append(
-        MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(
-                study_uid, used, f"{sop_uid}:classification", f"image {number}: classification"
+        PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=lung_tracking,
+            referenced_region=ImageRegion(
+                graphic_type=GraphicTypeValues.POLYLINE,
+                graphic_data=box_polyline(image.lung_box),
+                source_image=region_source,
             ),
-            algorithm_id=AlgorithmIdentification(
-                name=ENSEMBLE_ALGORITHM,
-                version=software_version,
-                manufacturer=manufacturer,
-                parameters=[
-                    f"strategy: {result.strategy}",
-                    *(f"{m.task}: {m.name} {m.version}" for m in ensemble_members),
-                ],
-            ),
-            measurements=_probabilities(image.probabilities, concepts, image),
-            source_images=[source_image],
+            finding_type=region_finding,
+            finding_category=codes.ANATOMICAL_STRUCTURE,
+            algorithm_id=_algorithm(lung_models[0]) if lung_models else None,
+            geometric_purpose=codes.BOUNDED_BY,
         )
     )
+    # The class probabilities of that region: the ensemble's, then every member's.
+    analysed = _coordinates(image.lung_box, region_source)
+    ensemble_members = [m for m in used if m.task in _MODEL_TASKS_IN_ENSEMBLE]
+    ensemble = AlgorithmIdentification(
+        name=ENSEMBLE_ALGORITHM,
+        version=software_version,
+        manufacturer=manufacturer,
+        parameters=[
+            f"strategy: {result.strategy}",
+            *(f"{m.task}: {m.name} {m.version}" for m in ensemble_members),
+        ],
+    )
+    probability_sets = [(ensemble, image.probabilities)]
     for member, probabilities in image.member_probabilities.items():
+        probability_sets.append((_algorithm(_model(models, member, image)), probabilities))
+    for algorithm, probabilities in probability_sets:
         groups.append(
             MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(
-                    study_uid, used, f"{sop_uid}:member:{member}", f"image {number}: {member}"
-                ),
-                algorithm_id=_algorithm(_model(models, member, image)),
-                measurements=_probabilities(probabilities, concepts, image),
+                tracking_identifier=lung_tracking,
+                finding_type=region_finding,
+                algorithm_id=algorithm,
+                measurements=_probabilities(probabilities, concepts, image, analysed),
                 source_images=[source_image],
-            )
-        )
-
-    region_source = SourceImageForRegion.from_source_image(source)
-    if image.lung_found:
-        lung_models = [m for m in used if m.task == "lung-mask"]
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(
-                    study_uid, used, f"{sop_uid}:lung", f"image {number}: lung region"
-                ),
-                referenced_region=ImageRegion(
-                    graphic_type=GraphicTypeValues.POLYLINE,
-                    graphic_data=box_polyline(image.lung_box),
-                    source_image=region_source,
-                ),
-                finding_type=codes.LUNG,
-                finding_category=codes.ANATOMICAL_STRUCTURE,
-                algorithm_id=_algorithm(lung_models[0]) if lung_models else None,
-                geometric_purpose=codes.BOUNDED_BY,
             )
         )
 
     if image.boxes:
         method = _box_method(image, models, manufacturer, software_version)
         for index, box in enumerate(image.boxes, start=1):
-            measurements = []
-            if box.confidence is not None:
-                measurements.append(
-                    Measurement(
-                        name=codes.CERTAINTY_OF_FINDING,
-                        value=float(box.confidence),
-                        unit=codes.UNITLESS,
-                    )
-                )
+            tracking = _tracking(
+                study_uid, used, f"{sop_uid}:opacity:{index}", f"image {number}: opacity {index}"
+            )
             groups.append(
                 PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=_tracking(
-                        study_uid,
-                        used,
-                        f"{sop_uid}:opacity:{index}",
-                        f"image {number}: opacity {index}",
-                    ),
+                    tracking_identifier=tracking,
                     referenced_region=ImageRegion(
                         graphic_type=GraphicTypeValues.POLYLINE,
                         graphic_data=box_polyline(box),
@@ -452,10 +467,27 @@ def _image_groups(
                     finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
                     finding_sites=[FindingSite(anatomic_location=codes.LUNG)],
                     algorithm_id=method,
-                    measurements=measurements,
                     geometric_purpose=codes.BOUNDED_BY,
                 )
             )
+            if box.confidence is not None:
+                groups.append(
+                    MeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=tracking,
+                        finding_type=codes.ABNORMAL_OPACITY,
+                        algorithm_id=method,
+                        finding_sites=[FindingSite(anatomic_location=codes.LUNG)],
+                        measurements=[
+                            Measurement(
+                                name=codes.CERTAINTY_OF_FINDING,
+                                value=float(box.confidence),
+                                unit=codes.UNITLESS,
+                                referenced_coordinates=[_coordinates(box, region_source)],
+                            )
+                        ],
+                        source_images=[source_image],
+                    )
+                )
     return groups
 
 

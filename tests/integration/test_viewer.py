@@ -10,8 +10,10 @@ state is read, not its pixels:
 * OHIF's annotation state holds one SR annotation per SR box (the lung region and every
   opacity box): its UID is the box's Tracking Unique Identifier, it sits on the source
   image, and its polyline is the SR's GraphicData (within a pixel);
-* OHIF's measurement service holds the measurements hydrated from the SR, each on the
-  source image and equal to an SR box.
+* OHIF's measurement service holds one measurement per SR box (hydrated from the SR),
+  each on the source image at that box's coordinates;
+* the page raised no uncaught error. OHIF runs as shipped: the served configuration has
+  no SR customization (no ``onBeforeSRAddMeasurement``).
 
 A screenshot is kept as ``test-artifacts/viewer-<study>.png``.
 """
@@ -235,11 +237,15 @@ def test_sr_boxes_open_as_measurements_in_ohif(tmp_path: Path) -> None:
             serving(dist, f"http://127.0.0.1:{orthanc.http_port}/dicom-web") as server,
             headless_chromium(chromium, tmp_path / "chromium", width=WIDTH, height=HEIGHT) as page,
         ):
+            # Stock OHIF: no SR customization may help our report open.
+            assert "onBeforeSRAddMeasurement" not in server.app_config
             try:
                 page.navigate(f"{server.url}/viewer?StudyInstanceUIDs={study_uid}")
                 ohif.wait_until_showing(page, source_sop, timeout=60)
                 ohif.open_series(page, str(sr.SeriesDescription))
-                state = ohif.wait_for_sr(page, annotations=len(boxes), timeout=60)
+                state = ohif.wait_for_sr(
+                    page, annotations=len(boxes), measurements=len(boxes), timeout=60
+                )
                 ohif.open_measurements_panel(page)
                 ohif.settle(page)
             finally:
@@ -268,17 +274,20 @@ def test_sr_boxes_open_as_measurements_in_ohif(tmp_path: Path) -> None:
         assert len(annotation["polylines"]) == 1, context
         distance = _distance(annotation["polylines"][0], box)
         assert distance <= TOLERANCE_PX, f"{box.tracking_id} is {distance} px off{context}"
-    # Hydration made measurements out of the boxes OHIF maps to a tool: each on the source
-    # image and equal to an SR box. (OHIF 3.13.2 hydrates the lung region; its dcmjs adapter
-    # takes a group's first NUM as the measurement and looks for the geometry under it, so
-    # the opacity boxes, whose "Certainty of Finding" NUM sits beside the SCOORD as TID 1410
-    # has it, stay SR annotations.)
+    # Hydration made a measurement out of every SR box (the lung region a RectangleROI, each
+    # opacity box too), on the source image at the SR's coordinates, and nothing else.
     measurements = state["measurements"]
-    assert measurements, f"OHIF's measurement service holds no measurement from the SR{context}"
+    assert len(measurements) == len(boxes), (
+        f"{len(measurements)} measurements for {len(boxes)} SR boxes{context}"
+    )
+    unmatched = list(boxes)
     for measurement in measurements:
         assert measurement["sop"] == source_sop, f"measurement not on the image{context}"
-        nearest = min(_bounds_distance(measurement["points"], box) for box in boxes)
-        assert nearest <= TOLERANCE_PX, f"measurement {measurement} is no SR box{context}"
+        nearest = min(unmatched, key=lambda box: _bounds_distance(measurement["points"], box))
+        distance = _bounds_distance(measurement["points"], nearest)
+        assert distance <= TOLERANCE_PX, f"measurement {measurement} is no SR box{context}"
+        unmatched.remove(nearest)
+    assert not unmatched, f"SR boxes without a measurement: {unmatched}{context}"
     _check_png(shot)
 
 

@@ -255,19 +255,25 @@ def _read_report(path: Path) -> tuple[hd.sr.Comprehensive3DSR, hd.sr.Measurement
     return sr, hd.sr.MeasurementReport.from_sequence(sr.content)
 
 
-def _text_items(group: hd.sr.ContentSequence, code_value: str) -> list[str]:
+def _text_items(item: Dataset, code_value: str) -> list[str]:
+    """The TEXT values with this concept name directly under a content item."""
     return [
-        str(item.TextValue)
-        for item in group[0].ContentSequence
-        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == code_value
+        str(child.TextValue)
+        for child in item.get("ContentSequence", [])
+        if child.ValueType == "TEXT" and child.ConceptNameCodeSequence[0].CodeValue == code_value
     ]
+
+
+def _item_algorithm(item: Dataset) -> tuple[str, str]:
+    """(Algorithm Name, Algorithm Version) of a content item's TID 4019."""
+    names, versions = _text_items(item, "111001"), _text_items(item, "111003")
+    assert len(names) == 1 and len(versions) == 1, (names, versions)
+    return names[0], versions[0]
 
 
 def _algorithm(group: hd.sr.ContentSequence) -> tuple[str, str]:
     """(Algorithm Name, Algorithm Version) of a measurement group's TID 4019."""
-    names, versions = _text_items(group, "111001"), _text_items(group, "111003")
-    assert len(names) == 1 and len(versions) == 1, (names, versions)
-    return names[0], versions[0]
+    return _item_algorithm(group[0])
 
 
 def _probabilities(group: hd.sr.ContentSequence) -> dict[str, float]:
@@ -277,6 +283,18 @@ def _probabilities(group: hd.sr.ContentSequence) -> dict[str, float]:
         assert measurement.unit.value == "1" and measurement.unit.scheme_designator == "UCUM"
         out[by_code[measurement.name.value]] = float(measurement.value)
     return out
+
+
+def _tracking_uid(group: hd.sr.ContentSequence) -> str:
+    return str(group.tracking_uid)
+
+
+def _measurement_region(measurement: hd.sr.Measurement) -> tuple[np.ndarray, str]:
+    """The (points, referenced SOP Instance UID) of a NUM's INFERRED FROM image region."""
+    (region,) = measurement.referenced_coordinates
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    sop = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return region.value, sop
 
 
 def _roi_source_uid(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> str:
@@ -360,26 +378,73 @@ def test_sr_header_same_study_new_series_unverified(case: Case, sr_file: Path) -
     assert referenced == {s.SOPInstanceUID for s in case.sources}
 
 
+def test_sr_every_group_tracks_an_image_region(case: Case, sr_file: Path) -> None:
+    """Every finding is a planar ROI (TID 1410) on its source image; its measurements are
+    TID 1501 groups right after it with the same Tracking Identifier and UID, each NUM
+    inferred from the region. So a viewer that merges groups by Tracking UID (OHIF) finds
+    a region for every group, and the lung region comes first."""
+    _, report = _read_report(sr_file)
+    regions = report.get_planar_roi_measurement_groups()
+    measured = report.get_image_measurement_groups()
+    region_by_uid = {_tracking_uid(g): g for g in regions}
+    assert len(region_by_uid) == len(regions)
+    for group in measured:
+        region = region_by_uid[_tracking_uid(group)]
+        assert group.tracking_identifier == region.tracking_identifier
+        for measurement in group.get_measurements():
+            points, sop = _measurement_region(measurement)
+            np.testing.assert_allclose(points, region.roi.value, atol=1e-3)
+            assert sop == _roi_source_uid(region)
+    order = [
+        (str(item.ContentSequence[0].TextValue), item.ContentTemplateSequence[0].TemplateIdentifier)
+        for item in report[0].ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+        for item in item.ContentSequence
+    ]
+    expected = []
+    for number, image in enumerate(case.result.images, start=1):
+        expected.append((f"image {number}: lung region", "1410"))
+        expected += [(f"image {number}: lung region", "1501")] * (
+            1 + len(image.member_probabilities)
+        )
+        for i, box in enumerate(image.boxes, start=1):
+            expected.append((f"image {number}: opacity {i}", "1410"))
+            if box.confidence is not None:
+                expected.append((f"image {number}: opacity {i}", "1501"))
+    assert order == expected
+
+
 def test_sr_probabilities_per_class_and_member(case: Case, sr_file: Path) -> None:
     _, report = _read_report(sr_file)
     for number, image in enumerate(case.result.images, start=1):
+        regions = report.get_planar_roi_measurement_groups(
+            referenced_sop_instance_uid=image.sop_instance_uid
+        )
+        (lung,) = [g for g in regions if g.tracking_identifier == f"image {number}: lung region"]
         groups = {
-            g.tracking_identifier: g
+            _algorithm(g): g
             for g in report.get_image_measurement_groups(
                 referenced_sop_instance_uid=image.sop_instance_uid
             )
+            if _tracking_uid(g) == _tracking_uid(lung)
         }
-        classification = groups[f"image {number}: classification"]
+        classification = groups.pop(("dicomnode CXR ensemble", SOFTWARE))
         assert _probabilities(classification) == pytest.approx(image.probabilities, abs=1e-12)
-        assert _algorithm(classification) == ("dicomnode CXR ensemble", SOFTWARE)
         assert [s.referenced_sop_instance_uid for s in classification.source_images] == [
             image.sop_instance_uid
         ]
+        members = {}
         for member, probabilities in image.member_probabilities.items():
-            group = groups[f"image {number}: {member}"]
-            assert _probabilities(group) == pytest.approx(probabilities, abs=1e-12)
             version = next(m.version for m in MODELS if m.name == member)
-            assert _algorithm(group) == (member, version)
+            members[(member, version)] = probabilities
+        assert set(groups) == set(members)
+        for key, probabilities in members.items():
+            assert _probabilities(groups[key]) == pytest.approx(probabilities, abs=1e-12)
+        for group in (classification, *groups.values()):
+            for measurement in group.get_measurements():
+                points, sop = _measurement_region(measurement)
+                np.testing.assert_allclose(points, box_polyline(image.lung_box), atol=1e-3)
+                assert sop == image.sop_instance_uid
 
 
 def test_sr_boxes_are_closed_polylines_on_their_source_image(case: Case, sr_file: Path) -> None:
@@ -407,9 +472,21 @@ def test_sr_boxes_are_closed_polylines_on_their_source_image(case: Case, sr_file
             assert _roi_source_uid(group) == image.sop_instance_uid
             assert (points[:, 0] >= 0).all() and (points[:, 0] <= image.columns).all()
             assert (points[:, 1] >= 0).all() and (points[:, 1] <= image.rows).all()
-            (certainty,) = group.get_measurements()
+            assert group.get_measurements() == []  # the region only: its confidence follows
+            (confidence,) = [
+                g
+                for g in report.get_image_measurement_groups()
+                if _tracking_uid(g) == _tracking_uid(group)
+            ]
+            assert confidence.finding_type == opacity
+            assert _algorithm(confidence) == _algorithm(group)
+            (certainty,) = confidence.get_measurements()
             assert certainty.name.value == "111012"
             assert float(certainty.value) == pytest.approx(box.confidence, abs=1e-12)
+            # The confidence is inferred from the box.
+            certainty_points, certainty_sop = _measurement_region(certainty)
+            np.testing.assert_allclose(certainty_points, corners, atol=1e-3)
+            assert certainty_sop == image.sop_instance_uid
             if image.box_method == "gradcam-threshold":
                 assert _algorithm(group) == ("Grad-CAM threshold", SOFTWARE)
             else:
@@ -419,6 +496,27 @@ def test_sr_boxes_are_closed_polylines_on_their_source_image(case: Case, sr_file
         np.testing.assert_allclose(lung.roi.value, box_polyline(image.lung_box), atol=1e-3)
         assert _roi_source_uid(lung) == image.sop_instance_uid
         assert _algorithm(lung) == ("lung-unet", "1.2")
+
+
+def test_sr_without_lungs_reports_the_whole_image_as_the_analysed_region(case: Case) -> None:
+    image = case.result.images[0]
+    whole = replace(image, lung_found=False, lung_box=Box(0, 0, image.columns, image.rows))
+    sr = _build_sr(case, images=[whole, *case.result.images[1:]])
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    (region,) = [
+        g
+        for g in report.get_planar_roi_measurement_groups()
+        if g.tracking_identifier == "image 1: lung region"
+    ]
+    assert region.finding_type.value != "39607008"  # not claimed to be the lung
+    np.testing.assert_allclose(region.roi.value, box_polyline(whole.lung_box), atol=1e-3)
+    (classification,) = [
+        g
+        for g in report.get_image_measurement_groups()
+        if _tracking_uid(g) == _tracking_uid(region)
+        and _algorithm(g) == ("dicomnode CXR ensemble", SOFTWARE)
+    ]
+    assert _probabilities(classification) == pytest.approx(image.probabilities, abs=1e-12)
 
 
 def test_sr_identifies_every_model_and_contributing_equipment(sr_file: Path) -> None:

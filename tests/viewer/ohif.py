@@ -81,16 +81,18 @@ def open_series(browser: Browser, series_description: str) -> None:
     browser.click(series_thumbnail(series_description), count=2)
 
 
-def wait_for_sr(browser: Browser, annotations: int, timeout: float) -> dict[str, Any]:
-    """Wait until the SR shows as ``annotations`` SR annotations and at least one
-    measurement; return :func:`state` (whatever it is when the time is up)."""
+def wait_for_sr(
+    browser: Browser, annotations: int, timeout: float, measurements: int = 1
+) -> dict[str, Any]:
+    """Wait until the SR shows as ``annotations`` SR annotations and at least
+    ``measurements`` measurements; return :func:`state` (whatever it is when the time is up)."""
     # On a timeout the caller's assertions say what is missing, with the state.
     with contextlib.suppress(BrowserError):
         browser.wait_for(
             f"""(() => {{
                 const s = {_STATE};
                 return s.annotations.filter(a => a.sop).length >= {annotations}
-                    && s.measurements.length >= 1;
+                    && s.measurements.length >= {measurements};
             }})()""",
             timeout,
             "the SR's annotations and measurements",

@@ -43,18 +43,6 @@ _FORWARD_RESPONSE = (
 _CHUNK = 64 * 1024
 
 
-#: OHIF 3.13.2 places each SR measurement group on its image with
-#: ``measurement.coords[0].ReferencedSOPSequence``; a TID 1501 group with no SCOORD (the
-#: report's per-model probabilities) has no coords and that line throws, which takes down the
-#: viewport ("Something went wrong"). This hook, OHIF's own customization point called just
-#: before that line, gives such a group an empty coordinate, so OHIF skips it as "not on
-#: this image" instead; groups with coordinates pass through untouched.
-_SKIP_UNPLACED = (
-    "({ measurement }) => (measurement.coords && measurement.coords.length)"
-    " ? measurement : { ...measurement, coords: [{}] }"
-)
-
-
 def ohif_dist() -> Path | None:
     """The installed OHIF ``dist/`` folder, or None when deploy/install-viewer.sh has not run."""
     if (OHIF_DIST / "index.html").is_file() and (OHIF_DIST / "app-config.js").is_file():
@@ -70,8 +58,8 @@ def app_config(dicomweb_path: str = "/dicom-web") -> str:
     viewer in a screenshot (investigational-use notice, CPU-rendering notice, the guided
     tour) are turned off, and so are confirmation prompts: opening an SR that OHIF can
     hydrate then hydrates it straight away (its measurements go to the measurement service
-    and are tracked) instead of asking first. ``onBeforeSRAddMeasurement`` works around an
-    OHIF 3.13.2 crash (see ``_SKIP_UNPLACED``).
+    and are tracked) instead of asking first. No SR-specific customization: our reports
+    open in stock OHIF.
     """
     source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
@@ -101,7 +89,6 @@ def app_config(dicomweb_path: str = "/dicom-web") -> str:
         "modes": [],
         "customizationService": {
             "ohif.tours": {"$set": []},
-            "onBeforeSRAddMeasurement": {"$set": "@SKIP_UNPLACED@"},
         },
         "showStudyList": True,
         "maxNumberOfWebWorkers": 2,
@@ -115,7 +102,6 @@ def app_config(dicomweb_path: str = "/dicom-web") -> str:
     }
     root = f"window.location.origin + {json.dumps(dicomweb_path)}"
     text = json.dumps(config, indent=2).replace('"@ROOT@"', root)
-    text = text.replace('"@SKIP_UNPLACED@"', _SKIP_UNPLACED)
     header = "/** Written by tests/viewer/server.py for the viewer test. */"
     return f"{header}\nwindow.config = {text};\n"
 
