@@ -211,6 +211,10 @@ def build_heatmap_sc(
         # source's when it has one (even empty), never a guess.
         if "Laterality" in source:
             sc.Laterality = source.Laterality
+    else:
+        # No body part: whether it is paired is unknown, so Laterality is required and,
+        # being unknown, empty (PS3.3 C.7.3.1) unless the source says.
+        sc.Laterality = source.get("Laterality", "") or ""
     if source.get("LossyImageCompression") == "01":
         sc.LossyImageCompression = "01"  # derived from a lossy image (PS3.3 C.7.6.1.1.5)
         for keyword in ("LossyImageCompressionMethod", "LossyImageCompressionRatio"):

@@ -7,10 +7,11 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
-from support import OrthancServer, dcmtk, running_node, shared_data, storescu
+from support import OrthancServer, dcmtk, dicom_files, running_node, shared_data, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -122,5 +123,98 @@ def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> N
         assert sc.StudyInstanceUID == source_ds.StudyInstanceUID
         assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
         assert (sc.Rows, sc.Columns) == (source_ds.Rows, source_ds.Columns)
+    finally:
+        orthanc.stop()
+
+
+def _ensemble_probabilities(sr: Any) -> dict[str, float]:
+    """The first NUM value per concept code in the SR (the ensemble group comes first)."""
+    values: dict[str, float] = {}
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if item.ValueType == "NUM" and "MeasuredValueSequence" in item:
+                code = item.ConceptNameCodeSequence[0].CodeValue
+                values.setdefault(code, float(item.MeasuredValueSequence[0].NumericValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return values
+
+
+def test_every_shared_chest_file_comes_back_with_its_findings(tmp_path: Path) -> None:
+    """storescu sends each chest file; each analysed study returns one SR and one SC per
+    analysed image, whose probabilities are the pipeline's; the lateral study is skipped."""
+    pytest.importorskip("keras")
+    from fixture_models import CLASSES, write_cxr_models
+    from sqlalchemy import select
+
+    from dicomnode.config import load_settings
+    from dicomnode.db import Database, Job, Study
+
+    files = dicom_files(shared_data("dicom_cxr", "chest"))
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    orthanc.start()
+    try:
+        models = write_cxr_models(tmp_path / "models")
+        with running_node(
+            tmp_path / "node",
+            worker={"pipeline": "cxr", "processes": 1},
+            cxr={
+                "models_dir": str(models),
+                "lung_mask": "lung",
+                "members": ["m1", "m2", "m3"],
+                "explain_member": "m1",
+            },
+            destinations=[
+                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.port}
+            ],
+        ) as node:
+            for run in storescu(files, node.port):
+                assert run.returncode == 0, run.stdout + run.stderr
+            studies = node.wait_for(
+                lambda s: s and all(v["state"] in ("done", "skipped") for v in s.values()),
+                240,
+                "every study analysed or skipped",
+            )
+            deadline = time.monotonic() + 120
+            while node.status()["deliveries"]["pending"] and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert node.status()["deliveries"]["pending"] == 0
+            db = Database(load_settings(node.config).database.url)
+            with db.read() as session:
+                summaries = {
+                    uid: json.loads(summary)
+                    for uid, summary in session.execute(
+                        select(Study.study_instance_uid, Job.summary).join(
+                            Job, Job.study_id == Study.id
+                        )
+                    )
+                }
+        codes = {name: code for name, code, _ in CLASSES}
+        skipped = [uid for uid, s in studies.items() if s["state"] == "skipped"]
+        assert len(skipped) == 1 and "lateral-view" in studies[skipped[0]]["reason"]
+        done = [uid for uid, s in studies.items() if s["state"] == "done"]
+        assert len(done) == len(studies) - 1 >= 3
+        for uid in done:
+            [study_id] = [
+                s["ID"]
+                for s in orthanc.get("/studies?expand")
+                if s["MainDicomTags"]["StudyInstanceUID"] == uid
+            ]
+            objects = orthanc.get(f"/studies/{study_id}/instances")
+            tags = [orthanc.get(f"/instances/{o['ID']}/simplified-tags") for o in objects]
+            srs = [t for t, o in zip(tags, objects, strict=True) if t["SOPClassUID"] == SR_CLASS]
+            scs = [t for t in tags if t["SOPClassUID"] == SC_CLASS]
+            images = summaries[uid]["images"]
+            assert len(srs) == 1 and len(scs) == len(images)
+            for o, t in zip(objects, tags, strict=True):  # every object the node produced
+                path = _download(orthanc, o["ID"], tmp_path / f"{t['SOPInstanceUID']}.dcm")
+                assert _dciodvfy_errors(path) == [], t["SOPClassUID"]
+            sr_id = next(o["ID"] for o, t in zip(objects, tags, strict=True) if t in srs)
+            sr = dcmread(_download(orthanc, sr_id, tmp_path / f"{uid}.dcm"))
+            got = _ensemble_probabilities(sr)
+            for name, p in images[0]["probabilities"].items():
+                assert got[codes[name]] == pytest.approx(p, abs=1e-4), (uid, name)
     finally:
         orthanc.stop()
