@@ -98,3 +98,25 @@ def write_cxr_models(root: Path) -> Path:
     _write(root / "meta", _meta(), "stacking", 3, size=[9, 1])
     _write(root / "detector", _pixel_model(20.0, -12.0), "detector", 1)
     return root
+
+
+def cxr_node_sections(
+    models: Path, orthanc_port: int | None = None, **cxr: object
+) -> dict[str, object]:
+    """``running_node`` sections: the CXR pipeline on these fixture models in one worker
+    process, and (with ``orthanc_port``) Orthanc as the destination ``pacs``."""
+    sections: dict[str, object] = {
+        "worker": {"pipeline": "cxr", "processes": 1},
+        "cxr": {
+            "models_dir": str(models),
+            "lung_mask": "lung",
+            "members": ["m1", "m2", "m3"],
+            "explain_member": "m1",
+            **cxr,
+        },
+    }
+    if orthanc_port is not None:
+        sections["destinations"] = [
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}
+        ]
+    return sections

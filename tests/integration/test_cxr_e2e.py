@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_chest_studies_are_analysed_and_others_skipped_with_a_reason(tmp_path: Path) -> None:
     pytest.importorskip("keras")
-    from fixture_models import write_cxr_models
+    from fixture_models import cxr_node_sections, write_cxr_models
 
     chest = shared_data(
         "dicom_cxr", "chest", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -23,13 +23,7 @@ def test_chest_studies_are_analysed_and_others_skipped_with_a_reason(tmp_path: P
     models = write_cxr_models(tmp_path / "models")
     with running_node(
         tmp_path / "node",
-        worker={"pipeline": "cxr", "processes": 1},
-        cxr={
-            "models_dir": str(models),
-            "lung_mask": "lung",
-            "members": ["m1", "m2", "m3"],
-            "explain_member": "m1",
-        },
+        **cxr_node_sections(models),
     ) as node:
         for run in storescu([chest, lateral, leg], node.port):
             assert run.returncode == 0, run.stdout + run.stderr

@@ -35,7 +35,7 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> None:
     pytest.importorskip("keras")
-    from fixture_models import write_cxr_models
+    from fixture_models import cxr_node_sections, write_cxr_models
 
     source = shared_data(
         "dicom_cxr", "chest", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -47,17 +47,7 @@ def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> N
         models = write_cxr_models(tmp_path / "models")
         with running_node(
             tmp_path / "node",
-            worker={"pipeline": "cxr", "processes": 1},
-            cxr={
-                "models_dir": str(models),
-                "lung_mask": "lung",
-                "members": ["m1", "m2", "m3"],
-                "explain_member": "m1",
-                "abnormal_threshold": 0.0,
-            },
-            destinations=[
-                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.port}
-            ],
+            **cxr_node_sections(models, orthanc.port, abnormal_threshold=0.0),
         ) as node:
             assert node.cli("echo", "pacs").returncode == 0
             [run] = storescu([source], node.port)
@@ -146,7 +136,7 @@ def test_every_shared_chest_file_comes_back_with_its_findings(tmp_path: Path) ->
     """storescu sends each chest file; each analysed study returns one SR and one SC per
     analysed image, whose probabilities are the pipeline's; the lateral study is skipped."""
     pytest.importorskip("keras")
-    from fixture_models import CLASSES, write_cxr_models
+    from fixture_models import CLASSES, cxr_node_sections, write_cxr_models
     from sqlalchemy import select
 
     from dicomnode.config import load_settings
@@ -159,16 +149,7 @@ def test_every_shared_chest_file_comes_back_with_its_findings(tmp_path: Path) ->
         models = write_cxr_models(tmp_path / "models")
         with running_node(
             tmp_path / "node",
-            worker={"pipeline": "cxr", "processes": 1},
-            cxr={
-                "models_dir": str(models),
-                "lung_mask": "lung",
-                "members": ["m1", "m2", "m3"],
-                "explain_member": "m1",
-            },
-            destinations=[
-                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.port}
-            ],
+            **cxr_node_sections(models, orthanc.port),
         ) as node:
             for run in storescu(files, node.port):
                 assert run.returncode == 0, run.stdout + run.stderr

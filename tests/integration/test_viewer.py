@@ -187,7 +187,7 @@ def test_sr_boxes_open_as_measurements_in_ohif(tmp_path: Path) -> None:
     """Node -> Orthanc -> OHIF: a reader who opens the SR sees its boxes on the image."""
     chromium, dist = _components()
     pytest.importorskip("keras")
-    from fixture_models import write_cxr_models
+    from fixture_models import cxr_node_sections, write_cxr_models
 
     source = shared_data(
         "dicom_cxr", "chest", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -203,17 +203,7 @@ def test_sr_boxes_open_as_measurements_in_ohif(tmp_path: Path) -> None:
         models = write_cxr_models(tmp_path / "models")
         with running_node(
             tmp_path / "node",
-            worker={"pipeline": "cxr", "processes": 1},
-            cxr={
-                "models_dir": str(models),
-                "lung_mask": "lung",
-                "members": ["m1", "m2", "m3"],
-                "explain_member": "m1",
-                "abnormal_threshold": 0.0,
-            },
-            destinations=[
-                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.port}
-            ],
+            **cxr_node_sections(models, orthanc.port, abnormal_threshold=0.0),
         ) as node:
             [run] = storescu([source], node.port)
             assert run.returncode == 0, run.stderr
