@@ -25,6 +25,9 @@ pixels, so both see the same grey levels. It does, in this order (PS3.3 C.7.6.3,
    interpretations. PresentationLUTShape is not read: the photometric interpretation decides.
 6. The result in 0..1 is multiplied by 255 and rounded to the nearest integer (``numpy.rint``).
 
+:func:`to_hu` is the CT counterpart: steps 1 and 3 only (decode, then the Modality LUT or
+Rescale Slope/Intercept), giving Hounsfield units as ``float32`` with no window applied.
+
 No resizing: the pipeline resizes. :class:`Image8` keeps the source geometry (Rows,
 Columns, PixelSpacing, ImagerPixelSpacing) so that results can be mapped back.
 Anything that stops an image from being made raises :class:`ImageDecodeError`, with the
@@ -137,6 +140,44 @@ def to_uint8(source: str | os.PathLike[str] | Dataset) -> Image8:
         NumberOfFrames=frames,
         voi=voi,
     )
+
+
+def to_hu(source: str | os.PathLike[str] | Dataset) -> np.ndarray:
+    """Decode the first frame of a greyscale CT image into Hounsfield units.
+
+    Steps 1 (read and decode any transfer syntax) and 3 (Modality LUT Sequence, else
+    Rescale Slope and Intercept) of :func:`to_uint8`; no VOI, no inversion. Returns a
+    ``float32`` array of shape (Rows, Columns): one slice, about 1 MiB for 512 x 512,
+    so a series is read one slice at a time. A stored value is HU when the source's
+    Rescale Type is HU or absent (CT Image IOD); that is not checked here.
+
+    Raises :class:`ImageDecodeError` when the dataset is not a decodable greyscale image
+    and ``OSError`` when the file cannot be opened.
+    """
+    if isinstance(source, Dataset):
+        ds = source
+        label = f"dataset (SOPInstanceUID {_text(ds, 'SOPInstanceUID')!r})"
+    else:
+        label = os.fspath(source)
+        try:
+            ds = dcmread(Path(source), force=True)
+        except OSError:
+            raise
+        except Exception as exc:
+            raise ImageDecodeError(label, "", f"not readable as DICOM: {exc}") from exc
+    transfer_syntax = _transfer_syntax(ds)
+    try:
+        frame, decoded, _frames = _first_frame(ds, transfer_syntax)
+        photometric = str(decoded.get("photometric_interpretation", ""))
+        if photometric not in _MONOCHROME or frame.ndim != 2:
+            raise _UnusableError(
+                f"PhotometricInterpretation {photometric!r} with decoded shape {frame.shape} "
+                "is not a greyscale CT image"
+            )
+        values = _modality(frame, ds)
+    except _UnusableError as exc:
+        raise ImageDecodeError(label, transfer_syntax, str(exc)) from exc
+    return np.asarray(values, dtype=np.float32)
 
 
 # --- reading and decoding ------------------------------------------------------------

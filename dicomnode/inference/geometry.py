@@ -65,12 +65,14 @@ def lung_box(mask: np.ndarray, margin: float = LUNG_MARGIN) -> Box | None:
     return Box(x0, y0, x1 - x0, y1 - y0)
 
 
-def crop(image: np.ndarray, box: Box, size: int) -> np.ndarray:
-    """``image`` cut to ``box`` (whole pixels) and resized to ``size`` x ``size``."""
+def crop(image: np.ndarray, box: Box, size: int | tuple[int, int]) -> np.ndarray:
+    """``image`` cut to ``box`` (whole pixels) and resized with ``cv2.INTER_AREA`` to
+    ``size`` x ``size``, or to ``size`` = (height, width)."""
     x0, y0 = round(box.x), round(box.y)
     x1, y1 = round(box.x + box.width), round(box.y + box.height)
     part = image[y0:y1, x0:x1]
-    return cv2.resize(part, (size, size), interpolation=cv2.INTER_AREA)
+    height, width = (size, size) if isinstance(size, int) else size
+    return cv2.resize(part, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def resize_map(values: np.ndarray, width: int, height: int) -> np.ndarray:
