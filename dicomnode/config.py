@@ -146,6 +146,72 @@ class CXRSettings:
 
 
 @dataclass(frozen=True)
+class CTSelectionSettings:
+    """``[ct.selection]``: which series of a CT study is the axial chest series to analyse."""
+
+    modalities: tuple[str, ...] = ("CT",)
+    chest_body_parts: tuple[str, ...] = (
+        "CHEST",
+        "THORAX",
+        "LUNG",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CHEST_TO_ABDOMEN",
+        "CHEST_TO_PELVIS",
+    )
+    chest_words: tuple[str, ...] = ("CHEST", "THORAX", "THX", "LUNG", "LUNGS", "PULMONARY")
+    """SeriesDescription words that say chest (they win over ``non_chest_words``)."""
+    non_chest_words: tuple[str, ...] = (
+        "ABD",
+        "ABDOMEN",
+        "PEL",
+        "PELVIS",
+        "HEAD",
+        "BRAIN",
+        "NECK",
+        "SPINE",
+        "KNEE",
+        "HIP",
+        "EXTREMITY",
+    )
+    """SeriesDescription words that mark a series with no BodyPartExamined as not chest."""
+    localizer_words: tuple[str, ...] = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM")
+    """ImageType values or SeriesDescription words of localizers."""
+    reformat_image_types: tuple[str, ...] = (
+        "REFORMATTED",
+        "MPR",
+        "MIP",
+        "MINIP",
+        "PROJECTION IMAGE",
+        "VOLUME",
+        "CURVED",
+    )
+    """ImageType values of reformats and projections (not the acquired slices)."""
+    axial_tolerance_deg: float = 10.0
+    min_slices: int = 10
+    gap_factor: float = 1.5
+
+
+@dataclass(frozen=True)
+class CTSettings:
+    """``[ct]``: the chest CT pipeline's models and decisions."""
+
+    models_dir: Path = Path("models")
+    classifier: str = "ct-densenet121"
+    lung_mask: str = ""
+    """Empty: the classical HU-threshold lung mask; else a lung-mask model's name."""
+    lung_threshold_hu: float = -400.0
+    aggregation: str = "max"
+    top_k: int = 5
+    percentile: float = 95.0
+    min_lung_fraction: float = 0.02
+    evidence_slices: int = 3
+    batch_size: int = 16
+    mixed_precision: bool = False
+    selection: CTSelectionSettings = field(default_factory=CTSelectionSettings)
+
+
+@dataclass(frozen=True)
 class OutputSettings:
     """``[outputs]``: which result objects the node makes and sends."""
 
@@ -240,6 +306,7 @@ class Settings:
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     cxr: CXRSettings = field(default_factory=CXRSettings)
+    ct: CTSettings = field(default_factory=CTSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
 
     @property
@@ -695,6 +762,77 @@ def _parse_cxr(root: _Reader, base_dir: Path) -> CXRSettings:
     return s
 
 
+def _words_list(r: _Reader, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of non-empty strings, upper-cased (DICOM code strings and words)."""
+    raw = r.get(name, list, list(default))
+    if not all(isinstance(v, str) and v.strip() for v in raw):
+        r.problem(name, f"must be a list of non-empty strings, got {raw!r}")
+        raw = list(default)
+    return tuple(v.strip().upper() for v in raw)
+
+
+def _parse_ct_selection(parent: _Reader) -> CTSelectionSettings:
+    r = _Reader(_table(parent, "selection"), "ct.selection", parent.problems)
+    d = CTSelectionSettings()
+    lists = {
+        name: _words_list(r, name, getattr(d, name))
+        for name in (
+            "modalities",
+            "chest_body_parts",
+            "chest_words",
+            "non_chest_words",
+            "localizer_words",
+            "reformat_image_types",
+        )
+    }
+    s = CTSelectionSettings(
+        **lists,
+        axial_tolerance_deg=r.number("axial_tolerance_deg", float, d.axial_tolerance_deg, 0, 45),
+        min_slices=r.number("min_slices", int, d.min_slices, 1, 100000),
+        gap_factor=r.number("gap_factor", float, d.gap_factor, 1.01, 100),
+    )
+    r.check_unknown()
+    return s
+
+
+def _parse_ct(root: _Reader, base_dir: Path) -> CTSettings:
+    from dicomnode.inference.ct import AGGREGATIONS
+
+    r = _Reader(_table(root, "ct"), "ct", root.problems)
+    d = CTSettings()
+    models_dir = Path(r.get("models_dir", str, str(d.models_dir))).expanduser()
+    names = {}
+    for key, default, allow_empty in (
+        ("classifier", d.classifier, False),
+        ("lung_mask", d.lung_mask, True),
+    ):
+        value = r.get(key, str, default)
+        if not (value == "" and allow_empty) and not _NAME_RE.match(value):
+            r.problem(key, f"must be a model folder name{' or empty' * allow_empty}, got {value!r}")
+            value = default
+        names[key] = value
+    aggregation = r.get("aggregation", str, d.aggregation)
+    if aggregation not in AGGREGATIONS:
+        r.problem("aggregation", f"must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        aggregation = d.aggregation
+    s = CTSettings(
+        models_dir=(models_dir if models_dir.is_absolute() else base_dir / models_dir).resolve(),
+        classifier=names["classifier"],
+        lung_mask=names["lung_mask"],
+        lung_threshold_hu=r.number("lung_threshold_hu", float, d.lung_threshold_hu, -1000, 0),
+        aggregation=aggregation,
+        top_k=r.number("top_k", int, d.top_k, 1, 10000),
+        percentile=r.number("percentile", float, d.percentile, 0, 100),
+        min_lung_fraction=r.number("min_lung_fraction", float, d.min_lung_fraction, 0, 1),
+        evidence_slices=r.number("evidence_slices", int, d.evidence_slices, 1, 100),
+        batch_size=r.number("batch_size", int, d.batch_size, 1, 1024),
+        mixed_precision=r.get("mixed_precision", bool, d.mixed_precision),
+        selection=_parse_ct_selection(r),
+    )
+    r.check_unknown()
+    return s
+
+
 def _parse_outputs(root: _Reader) -> OutputSettings:
     r = _Reader(_table(root, "outputs"), "outputs", root.problems)
     d = OutputSettings()
@@ -727,6 +865,7 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         outbox=_parse_outbox(root),
         routing=_parse_routing(root),
         cxr=_parse_cxr(root, base_dir),
+        ct=_parse_ct(root, base_dir),
         outputs=_parse_outputs(root),
     )
     root.check_unknown()

@@ -120,3 +120,62 @@ def cxr_node_sections(
             {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}
         ]
     return sections
+
+
+#: The CT classifier's one class (SNOMED CT 840539006 "COVID-19").
+CT_CLASS = ("covid19", "840539006", "COVID-19")
+
+
+def write_ct_model(
+    root: Path,
+    name: str = "ct-tiny",
+    size: int = 64,
+    channels: int = 1,
+    threshold: float = 0.5,
+    window: tuple[float, float] | None = None,
+) -> Path:
+    """A tiny random-weight DenseNet with the seed 001 head (growth rate 4, four one-layer
+    blocks) and its ct-classifier manifest under ``root/name``; returns ``root``."""
+    from dicomnode.nets.ct import densenet121_sigmoid
+
+    keras.utils.set_random_seed(7)
+    model = densenet121_sigmoid(
+        input_size=size, channels=channels, growth_rate=4, blocks=(1, 1, 1, 1)
+    )
+    folder = root / name
+    folder.mkdir(parents=True)
+    weights = folder / "model.keras"
+    model.save(weights)
+    window_lines = f"window_center = {window[0]}\nwindow_width = {window[1]}\n" if window else ""
+    cls, code, meaning = CT_CLASS
+    (folder / "manifest.toml").write_text(
+        f'name = "{name}"\nversion = "0.1"\ntask = "ct-classifier"\n'
+        f'architecture = "densenet121_sigmoid"\n'
+        f'device_uid = "1.2.826.0.1.3680043.10.999.801"\nthreshold = {threshold}\n\n'
+        f'[weights]\nfile = "model.keras"\nformat = "keras"\nsha256 = "{sha256_of(weights)}"\n\n'
+        f"[input]\nsize = [{size}, {size}]\nchannels = {channels}\nscale = {1 / 255}\n"
+        f"{window_lines}\n"
+        f'[gradcam]\nlayer = "relu"\n\n'
+        f'[[classes]]\nname = "{cls}"\ncode_value = "{code}"\ncoding_scheme = "SCT"\n'
+        f'code_meaning = "{meaning}"\n'
+    )
+    return root
+
+
+def ct_node_sections(
+    models: Path, orthanc_port: int | None = None, pipeline: str = "ct", **ct: object
+) -> dict[str, object]:
+    """``running_node`` sections: the CT pipeline on the fixture model in one worker process
+    (and with ``orthanc_port``, Orthanc as the destination ``pacs``)."""
+    selection = ct.pop("selection", {})
+    sections: dict[str, object] = {
+        "worker": {"pipeline": pipeline, "processes": 1},
+        "ct": {"models_dir": str(models), "classifier": "ct-tiny", **ct},
+    }
+    if selection:
+        sections["ct"]["selection"] = selection  # type: ignore[index]
+    if orthanc_port is not None:
+        sections["destinations"] = [
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}
+        ]
+    return sections

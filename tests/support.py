@@ -257,6 +257,10 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, dict):  # an inline table, e.g. [ct] selection = { min_slices = 1 }
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)
 
 
@@ -608,3 +612,50 @@ def queue_studies(db: Any, settings: Any, n: int) -> list[str]:
         on_complete=lambda s, study: enqueue(s, study, settings.queue, t0),
     )
     return uids
+
+
+def synthetic_ct_series(
+    sources: Iterable[Path],
+    folder: Path,
+    slices: int,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    spacing_mm: float = 1.25,
+    series_description: str = "CHEST AXIAL",
+) -> list[Path]:
+    """A CT series of ``slices`` files made from real slices (cycled), with new UIDs.
+
+    Each file is a copy of a source slice (its pixel data, Rescale and geometry tags)
+    with the given Study and Series Instance UIDs, a new SOP Instance UID, Instance
+    Number 1..n and Image Position (Patient) stepping ``spacing_mm`` along z (written in
+    shuffled order, so that sorting is needed). Patient identity is replaced. Nothing
+    converted from the shared data is kept beyond the test (write under ``tmp_path``).
+    """
+    datasets = [dcmread(p) for p in sources]
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(0).permutation(slices)
+    paths = []
+    for number in order:
+        ds = datasets[int(number) % len(datasets)].copy()
+        x, y = (float(v) for v in ds.ImagePositionPatient[:2])
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = int(number) + 1
+        ds.ImagePositionPatient = [x, y, round(-float(number) * spacing_mm, 3)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceThickness = spacing_mm
+        ds.SeriesDescription = series_description
+        ds.BodyPartExamined = "CHEST"
+        ds.PatientName = "Synthetic^CT"
+        ds.PatientID = "SYNTH-CT-0001"
+        ds.AccessionNumber = ""
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[series_uid, "for"])
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

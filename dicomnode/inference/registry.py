@@ -68,6 +68,9 @@ class ModelSpec:
     ensemble_weight: float | None = None
     gradcam_layer: str | None = None
     threshold: float | None = None
+    window: tuple[float, float] | None = None
+    """CT classifier input window (center, width) in HU: ``[input] window_center`` and
+    ``window_width`` (the lung window -600 / 1500 when a ct-classifier gives none)."""
     builder: dict[str, Any] = field(default_factory=dict)
     manifest: Path | None = None
 
@@ -133,6 +136,19 @@ def read_manifest(path: Path) -> ModelSpec:
             )
     if task in ("classifier", "stacking") and len(classes) < 2:
         raise ModelError(f"{where}: a {task} needs its [[classes]] in output order")
+    window = _window(inputs, task, where)
+    threshold = data.get("threshold")
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0 <= threshold <= 1
+    ):
+        raise ModelError(f"{where}: 'threshold' must be a number in [0, 1], got {threshold!r}")
+    if task == "ct-classifier" and len(classes) != 1:
+        raise ModelError(
+            f"{where}: a ct-classifier has one sigmoid output and needs exactly one "
+            f"[[classes]] entry (the positive finding), got {len(classes)}"
+        )
     ensemble = data.get("ensemble", {})
     weight = ensemble.get("weight")
     if weight is not None and (not isinstance(weight, int | float) or weight < 0):
@@ -152,10 +168,33 @@ def read_manifest(path: Path) -> ModelSpec:
         classes=classes,
         ensemble_weight=float(weight) if weight is not None else None,
         gradcam_layer=data.get("gradcam", {}).get("layer"),
-        threshold=data.get("threshold"),
+        threshold=float(threshold) if threshold is not None else None,
+        window=window,
         builder=dict(data.get("builder", {})),
         manifest=path,
     )
+
+
+#: Window (center, width) in HU of a ct-classifier whose manifest names none: the lung window.
+DEFAULT_CT_WINDOW = (-600.0, 1500.0)
+
+
+def _window(inputs: dict[str, Any], task: str, where: str) -> tuple[float, float] | None:
+    """``[input] window_center`` / ``window_width`` (HU), both or neither; default for CT."""
+    center, width = inputs.get("window_center"), inputs.get("window_width")
+    if center is None and width is None:
+        return DEFAULT_CT_WINDOW if task == "ct-classifier" else None
+    if center is None or width is None:
+        raise ModelError(
+            f"{where}: [input] needs both 'window_center' and 'window_width', got "
+            f"window_center = {center!r}, window_width = {width!r}"
+        )
+    for key, value in (("window_center", center), ("window_width", width)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ModelError(f"{where}: [input] '{key}' must be a number (HU), got {value!r}")
+    if width <= 0:
+        raise ModelError(f"{where}: [input] 'window_width' must be > 0 HU, got {width!r}")
+    return float(center), float(width)
 
 
 def sha256_of(path: Path) -> str:

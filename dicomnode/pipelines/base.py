@@ -86,6 +86,18 @@ def load_pipeline(spec: str, settings: Settings | None = None) -> Pipeline:
         if settings is None:
             raise ConfigError([("worker.pipeline", "the cxr pipeline needs the settings")])
         return CXRPipeline(settings.cxr, settings.routing)
+    if spec in ("ct", "chest"):
+        from dicomnode.pipelines.ct import CTPipeline
+
+        if settings is None:
+            raise ConfigError([("worker.pipeline", f"the {spec} pipeline needs the settings")])
+        ct = CTPipeline(settings.ct)
+        if spec == "ct":
+            return ct
+        from dicomnode.pipelines.chest import ChestPipeline
+        from dicomnode.pipelines.cxr import CXRPipeline
+
+        return ChestPipeline(CXRPipeline(settings.cxr, settings.routing), ct)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:

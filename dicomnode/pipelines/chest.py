@@ -1,0 +1,77 @@
+"""The chest pipeline: chest radiographs and chest CT of a study, each by its own pipeline.
+
+A study may hold radiographs (CR, DX, Secondary Capture), CT series, or both. Its CT
+instances (by Modality, ``[ct.selection] modalities``) go to the CT pipeline, every
+other instance to the chest X-ray pipeline; each runs only when it has instances. The
+study is skipped only when neither analyses anything, with the reasons of both. Both
+pipelines are loaded once, when the worker starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dicomnode.pipelines.base import PipelineOutcome, StudyInput
+from dicomnode.pipelines.ct import CTPipeline, CTStudyResult, ct_instances
+from dicomnode.pipelines.cxr import CXRPipeline, CXRStudyResult, route_reason
+
+
+@dataclass
+class ChestStudyResult:
+    """The radiograph and CT analyses of one study (either may be absent)."""
+
+    study_instance_uid: str
+    cxr: CXRStudyResult | None = None
+    ct: CTStudyResult | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def analysed(self) -> bool:
+        return bool(self.cxr and self.cxr.images) or bool(self.ct and self.ct.score is not None)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pipeline": "chest",
+            "cxr": None if self.cxr is None else self.cxr.summary(),
+            "ct": None if self.ct is None else self.ct.summary(),
+        }
+
+
+class ChestPipeline:
+    """Runs :class:`CXRPipeline` on a study's radiographs and :class:`CTPipeline` on its CT."""
+
+    name = "chest"
+
+    def __init__(self, cxr: CXRPipeline, ct: CTPipeline) -> None:
+        self.cxr = cxr
+        self.ct = ct
+        self.version = f"cxr{cxr.version}-ct{ct.version}"
+
+    def load(self) -> None:
+        self.cxr.load()
+        self.ct.load()
+
+    def analyse(self, study: StudyInput) -> ChestStudyResult:
+        ct_part = ct_instances(study, self.ct)
+        ct_uids = {i.sop_instance_uid for i in ct_part}
+        other = tuple(i for i in study.instances if i.sop_instance_uid not in ct_uids)
+        result = ChestStudyResult(study.study_instance_uid)
+        if other:
+            result.cxr = self.cxr.analyse(StudyInput(study.study_instance_uid, other))
+            if not result.cxr.images:
+                result.reasons.append(route_reason(result.cxr.skipped))
+        else:
+            result.reasons.append("no radiographs")
+        if ct_part:
+            result.ct = self.ct.analyse(StudyInput(study.study_instance_uid, ct_part))
+            if result.ct.reason:
+                result.reasons.append(result.ct.reason)
+        else:
+            result.reasons.append("no CT instances")
+        return result
+
+    def run(self, study: StudyInput) -> PipelineOutcome:
+        result = self.analyse(study)
+        reason = None if result.analysed else "; ".join(result.reasons)
+        return PipelineOutcome(summary=result.summary(), skipped_reason=reason, analysis=result)
