@@ -42,6 +42,7 @@ from dicomnode.config import CTSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import ImageDecodeError, to_hu
 from dicomnode.inference.ct import (
+    GAS_HU,
     LungMask,
     aggregate,
     body_mask,
@@ -136,6 +137,7 @@ class CTStudyResult:
     window: tuple[float, float]
     lung_mask_method: str
     models: list[ModelUsed]
+    lung_mask_parameters: list[str] = field(default_factory=list)
     score: float | None = None
     positive: bool | None = None
     slices_read: int = 0
@@ -312,6 +314,14 @@ class CTPipeline:
             window=self.window,
             lung_mask_method=f"model:{s.lung_mask}" if s.lung_mask else HU_THRESHOLD_METHOD,
             models=self.models_used(),
+            lung_mask_parameters=(
+                []
+                if s.lung_mask
+                else [
+                    f"air below {s.lung_threshold_hu:g} HU inside the body",
+                    f"gas regions (median below {GAS_HU:g} HU) removed",
+                ]
+            ),
             timings=timer.seconds,
         )
         series = selection.series

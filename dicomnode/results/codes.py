@@ -15,6 +15,16 @@ from pydicom.sr.codedict import codes
 #: (LOINC 36643-5 "XR Chest 2V" would claim two views, which a study need not have).
 PLAIN_CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 
+#: Procedure Reported of a chest CT report: SNOMED CT 169069000 |Computed tomography of
+#: chest (procedure)| (the imaging procedure, with or without contrast).
+CT_OF_CHEST = CodedConcept("169069000", "SCT", "Computed tomography of chest")
+
+#: Value of the study-level finding's qualitative evaluation (the decision at the
+#: manifest's threshold): SCT 52101004 "Present" or SCT 2667000 "Absent" (PS3.16 CID 230
+#: "Yes-No", the SNOMED CT presence concepts).
+PRESENT = CodedConcept("52101004", "SCT", "Present")
+ABSENT = CodedConcept("2667000", "SCT", "Absent")
+
 #: Unit of probabilities and confidences in [0, 1]: UCUM "1", as listed in PS3.16
 #: CID 7181 (the same unit as ``codes.UCUM.NoUnits``).
 UNITLESS = CodedConcept("1", "UCUM", "no units")

@@ -15,10 +15,11 @@ from pydicom.dataset import Dataset
 
 from dicomnode import __version__
 from dicomnode.config import OutputSettings
-from dicomnode.imaging import to_uint8
+from dicomnode.imaging import to_hu, to_uint8
+from dicomnode.inference.ct import window_uint8
 from dicomnode.pipelines.base import PipelineOutcome, ResultObject, StudyInput
-from dicomnode.results.sc import build_heatmap_sc
-from dicomnode.results.sr import build_sr
+from dicomnode.results.sc import CT_SC_SERIES_NUMBER, build_heatmap_sc
+from dicomnode.results.sr import build_ct_sr, build_sr
 from dicomnode.results.uids import result_uid
 
 
@@ -34,12 +35,18 @@ def encode(
     """The result objects for ``outcome`` (its own, plus the encoders' for its analysis)."""
     objects = list(outcome.results)
     analysis: Any = outcome.analysis
-    if analysis is None or not getattr(analysis, "images", None):
+    if analysis is None:
         return objects
+    from dicomnode.pipelines.chest import ChestStudyResult
+    from dicomnode.pipelines.ct import CTStudyResult
     from dicomnode.pipelines.cxr import CXRStudyResult
 
-    if isinstance(analysis, CXRStudyResult):
-        objects += encode_cxr(analysis, study, outputs)
+    parts = [analysis.cxr, analysis.ct] if isinstance(analysis, ChestStudyResult) else [analysis]
+    for part in parts:
+        if isinstance(part, CXRStudyResult) and part.images:
+            objects += encode_cxr(part, study, outputs)
+        elif isinstance(part, CTStudyResult) and part.evidence:
+            objects += encode_ct(part, study, outputs)
     return objects
 
 
@@ -81,6 +88,53 @@ def encode_cxr(result: Any, study: StudyInput, outputs: OutputSettings) -> list[
                 models=result.models,
                 institution_name=institution,
                 draw_boxes=outputs.draw_boxes,
+            )
+            objects.append(_encoded(sc))
+    return objects
+
+
+def encode_ct(result: Any, study: StudyInput, outputs: OutputSettings) -> list[ResultObject]:
+    """The chest CT SR and one Grad-CAM Secondary Capture per evidence slice.
+
+    The overlay's grey image is the slice in the classifier's window (the lung window by
+    default), as the classifier saw it.
+    """
+    paths = {i.sop_instance_uid: i.path for i in study.instances}
+    headers = [
+        dcmread(paths[image.sop_instance_uid], stop_before_pixels=True, force=True)
+        for image in result.evidence
+    ]
+    institution = outputs.institution_name or None
+    objects: list[ResultObject] = []
+    if outputs.sr:
+        sr = build_ct_sr(
+            result,
+            headers,
+            software_version=__version__,
+            manufacturer=outputs.manufacturer,
+            institution_name=institution,
+        )
+        objects.append(_encoded(sr))
+    if outputs.heatmap_sc:
+        series_uid = result_uid(result.study_instance_uid, result.models, "ct-sc-series")
+        for number, (image, header) in enumerate(zip(result.evidence, headers, strict=True), 1):
+            pixels = window_uint8(to_hu(paths[image.sop_instance_uid]), *result.window)
+            sc = build_heatmap_sc(
+                image,
+                header,
+                pixels,
+                image.probability,
+                series_uid=series_uid,
+                sop_uid=result_uid(
+                    result.study_instance_uid, result.models, f"sc:{image.sop_instance_uid}"
+                ),
+                instance_number=number,
+                series_number=CT_SC_SERIES_NUMBER,
+                software_version=__version__,
+                manufacturer=outputs.manufacturer,
+                models=result.models,
+                institution_name=institution,
+                draw_boxes=False,
             )
             objects.append(_encoded(sc))
     return objects

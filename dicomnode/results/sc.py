@@ -21,7 +21,7 @@ referencing the source.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -30,6 +30,7 @@ from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicomnode.inference.geometry import Box
 from dicomnode.results.common import (
     MANUFACTURER,
     NODE_MODEL_NAME,
@@ -42,8 +43,35 @@ from dicomnode.results.common import (
     node_device_uid,
 )
 
-if TYPE_CHECKING:
-    from dicomnode.pipelines.cxr import CXRImageResult
+
+class HeatmapImage(Protocol):
+    """What the overlay reads of an analysed image: a radiograph
+    (``dicomnode.pipelines.cxr.CXRImageResult``) or a CT slice
+    (``dicomnode.pipelines.ct.CTSliceResult``)."""
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def columns(self) -> int: ...
+
+    @property
+    def lung_box(self) -> Box: ...
+
+    @property
+    def boxes(self) -> list[Box]: ...
+
+    @property
+    def explained_class(self) -> str: ...
+
+    def heatmap_in_source(self) -> np.ndarray: ...
+
+
+#: Series Number of the CT heat map series (the CXR one has 9002).
+CT_SC_SERIES_NUMBER = 9012
 
 #: The seed's blend weight of the colour-mapped heat map.
 HEATMAP_WEIGHT = 0.4
@@ -61,7 +89,7 @@ TEXT_WIDTH_SHARE = 0.9
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def caption(image_result: CXRImageResult, explained_probability: float) -> str:
+def caption(image_result: HeatmapImage, explained_probability: float) -> str:
     """The burned-in line: the warning, the explained class and its probability."""
     return (
         f"{NOT_FOR_DIAGNOSIS} - Grad-CAM {image_result.explained_class} "
@@ -77,7 +105,7 @@ def text_band_height(columns: int, text: str) -> int:
 
 
 def render_overlay(
-    image_result: CXRImageResult,
+    image_result: HeatmapImage,
     pixels8: np.ndarray,
     explained_probability: float,
     *,
@@ -127,7 +155,7 @@ def render_overlay(
 
 
 def build_heatmap_sc(
-    image_result: CXRImageResult,
+    image_result: HeatmapImage,
     source: Dataset,
     pixels8: np.ndarray,
     explained_probability: float,

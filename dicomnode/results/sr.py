@@ -1,5 +1,7 @@
 """The chest X-ray analysis of a study as a TID 1500 Measurement Report (Comprehensive 3D SR).
 
+(:func:`build_ct_sr` makes the chest CT report with the same layout rules.)
+
 One report per study, built with highdicom (valid once built), in the source study and
 a new series. The document (PS3.16 TID 1500):
 
@@ -70,6 +72,7 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TrackingIdentifier,
@@ -92,6 +95,7 @@ from dicomnode.results.common import (
 from dicomnode.results.uids import result_uid
 
 if TYPE_CHECKING:
+    from dicomnode.pipelines.ct import CTSliceResult, CTStudyResult
     from dicomnode.pipelines.cxr import CXRImageResult, CXRStudyResult
 
 #: Algorithm Name (TID 4019) of the ensemble that combines the members' probabilities.
@@ -511,3 +515,219 @@ def _box_method(
         f"image {image.sop_instance_uid}: {len(image.boxes)} boxes but box_method is "
         f"{image.box_method!r}; expected 'detector:<model>' or 'gradcam-threshold'"
     )
+
+
+# --------------------------------------------------------------------------- chest CT
+
+#: Series Number of the CT report series (the CXR report has 9001).
+CT_SR_SERIES_NUMBER = 9011
+#: Series Description of the CT report series.
+CT_SR_SERIES_DESCRIPTION = f"AI chest CT report - {NOT_FOR_DIAGNOSIS}"
+#: Algorithm Name (TID 4019) of the classical lung mask.
+HU_LUNG_MASK_ALGORITHM = "HU threshold lung mask"
+
+
+def _check_ct_slice(image: CTSliceResult, source: Dataset) -> None:
+    rows, columns = source.get("Rows"), source.get("Columns")
+    if (rows, columns) != (image.rows, image.columns):
+        raise ResultError(
+            f"slice {image.sop_instance_uid}: the result is for {image.rows} x {image.columns} "
+            f"pixels but the source has Rows x Columns {rows} x {columns}"
+        )
+    box = image.lung_box
+    if box.width <= 0 or box.height <= 0 or not box.within(image.columns, image.rows):
+        raise ResultError(
+            f"slice {image.sop_instance_uid}: lung box {box} is empty or outside the "
+            f"{image.columns} x {image.rows} image"
+        )
+    if not math.isfinite(image.probability) or not 0.0 <= image.probability <= 1.0:
+        raise ResultError(
+            f"slice {image.sop_instance_uid}: probability {image.probability!r} is not in [0, 1]"
+        )
+
+
+def build_ct_sr(
+    result: CTStudyResult,
+    sources: Sequence[Dataset],
+    *,
+    software_version: str,
+    manufacturer: str = MANUFACTURER,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    device_uid: str | None = None,
+    series_number: int = CT_SR_SERIES_NUMBER,
+    instance_number: int = 1,
+) -> Comprehensive3DSR:
+    """The TID 1500 Measurement Report of a chest CT analysis.
+
+    Same header, observer, identity and UID rules as :func:`build_sr` (kinds
+    ``"ct-sr-series"`` and ``"ct-sr"``). The document:
+
+    * Procedure Reported: SCT 169069000 "Computed tomography of chest".
+    * Image Library: the evidence slices (the most probable ones).
+    * Imaging Measurements:
+
+      1. the study-level finding, a TID 1501 group: finding type the classifier's class
+         (e.g. SCT 840539006 "COVID-19"); TID 4019 the classifier (name, version;
+         parameters: the aggregation, the decision threshold, the series and the number
+         of slices classified); one NUM named by the class, value the study score
+         (probability, UCUM ``1``), INFERRED FROM the lung regions of the evidence slices;
+         one qualitative evaluation named by the class, SCT "Present" when the score
+         reaches the threshold, else SCT "Absent";
+      2. for each evidence slice, highest probability first: its lung region (the lung
+         box, TID 1410, finding SCT "Lung", TID 4019 the lung mask method) and a TID 1501
+         group sharing its tracking identifiers with one NUM, the slice's probability of
+         the class, INFERRED FROM that region.
+
+    ``sources`` are the evidence slices' datasets (pixel data not needed).
+    """
+    study_uid = result.study_instance_uid
+    if result.score is None or not result.evidence:
+        raise ResultError(f"study {study_uid}: no classified CT slice, nothing to report")
+    if not sources:
+        raise ResultError(f"study {study_uid}: no source dataset given")
+    by_uid = _sources_by_uid(study_uid, sources)
+    [concept] = _class_concepts([result.finding]).values()
+    used = result.models
+    models = {m.name: m for m in used}
+    device_uid = device_uid or node_device_uid(manufacturer, institution_name)
+    classifier = next((m for m in used if m.task == "ct-classifier"), None)
+    if classifier is None:
+        raise ResultError(f"study {study_uid}: no ct-classifier among the models {sorted(models)}")
+    if result.lung_mask_method.startswith("model:"):
+        lung_algorithm = _algorithm(models[result.lung_mask_method.removeprefix("model:")])
+    else:
+        lung_algorithm = AlgorithmIdentification(
+            name=HU_LUNG_MASK_ALGORITHM,
+            version=software_version,
+            manufacturer=manufacturer,
+            parameters=result.lung_mask_parameters or None,
+        )
+
+    slice_groups: list[
+        MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    analysed: list[Dataset] = []
+    regions: list[CoordinatesForMeasurement] = []
+    classifier_id = _algorithm(classifier)
+    for number, image in enumerate(result.evidence, start=1):
+        source = by_uid.get(image.sop_instance_uid)
+        if source is None:
+            raise ResultError(
+                f"study {study_uid}: no source dataset for evidence slice "
+                f"{image.sop_instance_uid!r}; given: {sorted(by_uid)}"
+            )
+        _check_ct_slice(image, source)
+        analysed.append(source)
+        region_source = SourceImageForRegion.from_source_image(source)
+        region = _coordinates(image.lung_box, region_source)
+        regions.append(region)
+        tracking = _tracking(
+            study_uid, used, f"ct:{image.sop_instance_uid}:lung", f"evidence slice {number}: lung"
+        )
+        slice_groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=ImageRegion(
+                    graphic_type=GraphicTypeValues.POLYLINE,
+                    graphic_data=box_polyline(image.lung_box),
+                    source_image=region_source,
+                ),
+                finding_type=codes.LUNG,
+                finding_category=codes.ANATOMICAL_STRUCTURE,
+                algorithm_id=lung_algorithm,
+                geometric_purpose=codes.BOUNDED_BY,
+            )
+        )
+        slice_groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                finding_type=codes.LUNG,
+                algorithm_id=classifier_id,
+                measurements=[
+                    Measurement(
+                        name=concept,
+                        value=float(image.probability),
+                        unit=codes.UNITLESS,
+                        referenced_coordinates=[region],
+                    )
+                ],
+                source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
+            )
+        )
+    series = result.series_instance_uid or ""
+    study_group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(
+            study_uid, used, "ct:study", f"study: {result.finding.code_meaning}"
+        ),
+        finding_type=concept,
+        algorithm_id=AlgorithmIdentification(
+            name=classifier.name,
+            version=classifier.version,
+            parameters=[
+                f"aggregation: {result.aggregation}"
+                + "".join(f", {k} {v}" for k, v in result.aggregation_parameters.items()),
+                f"threshold: {result.threshold}",
+                f"slices classified: {len(result.slice_probabilities)}",
+                f"series: {series}",
+            ],
+        ),
+        measurements=[
+            Measurement(
+                name=concept,
+                value=float(result.score),
+                unit=codes.UNITLESS,
+                referenced_coordinates=regions,
+            )
+        ],
+        qualitative_evaluations=[
+            QualitativeEvaluation(
+                name=concept, value=codes.PRESENT if result.positive else codes.ABSENT
+            )
+        ],
+        source_images=[SourceImageForMeasurementGroup.from_source_image(s) for s in analysed],
+    )
+    observer = ObserverContext(
+        observer_type=codes.DEVICE,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=NODE_MODEL_NAME,
+            manufacturer_name=manufacturer,
+            model_name=NODE_MODEL_NAME,
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.CT_OF_CHEST,
+        imaging_measurements=[study_group, *slice_groups],
+        referenced_images=[_library_view(source) for source in analysed],
+    )
+    header = _evidence_header(analysed[0])
+    sr = Comprehensive3DSR(
+        evidence=[header, *analysed[1:]],
+        content=report[0],
+        series_instance_uid=result_uid(study_uid, used, "ct-sr-series"),
+        series_number=series_number,
+        sop_instance_uid=result_uid(study_uid, used, "ct-sr"),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        contributing_equipment=contributing_equipment(
+            used,
+            manufacturer=manufacturer,
+            software_version=software_version,
+            device_uid=device_uid,
+            institution_name=institution_name,
+            institutional_department_name=institutional_department_name,
+        ),
+        series_description=CT_SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=NODE_MODEL_NAME,
+        software_versions=software_version,
+    )
+    sr.DeviceUID = device_uid
+    empty_invalid_copied_values(sr, header)
+    return sr
