@@ -144,10 +144,10 @@ def read_manifest(path: Path) -> ModelSpec:
         or not 0 <= threshold <= 1
     ):
         raise ModelError(f"{where}: 'threshold' must be a number in [0, 1], got {threshold!r}")
-    if task == "ct-classifier" and len(classes) != 1:
+    if task == "ct-classifier" and len(classes) > 1:
         raise ModelError(
-            f"{where}: a ct-classifier has one sigmoid output and needs exactly one "
-            f"[[classes]] entry (the positive finding), got {len(classes)}"
+            f"{where}: a ct-classifier has one sigmoid output: at most one [[classes]] "
+            f"entry (the positive finding), got {len(classes)}"
         )
     ensemble = data.get("ensemble", {})
     weight = ensemble.get("weight")

@@ -258,6 +258,16 @@ class CTPipeline:
         spec = self._spec(s.classifier, "ct-classifier", "classifier")
         if not spec.gradcam_layer:
             raise ConfigError([("ct.classifier", f"model {s.classifier!r} has no [gradcam] layer")])
+        if len(spec.classes) != 1:
+            raise ConfigError(
+                [
+                    (
+                        "ct.classifier",
+                        f"model {s.classifier!r} needs one [[classes]] entry (the finding its "
+                        f"sigmoid output gives), got {len(spec.classes)}",
+                    )
+                ]
+            )
         self.classifier = spec
         self.models[s.classifier] = load_model(spec)
         if s.lung_mask:

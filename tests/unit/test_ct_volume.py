@@ -337,7 +337,7 @@ def test_manifest_window_default_custom_and_errors(tmp_path: Path) -> None:
         read_manifest(_manifest(tmp_path, "window_center = -500"))
     with pytest.raises(ModelError, match="'window_width' must be > 0 HU, got -3"):
         read_manifest(_manifest(tmp_path, "window_center = -500\nwindow_width = -3"))
-    with pytest.raises(ModelError, match="exactly one"):
+    with pytest.raises(ModelError, match="at most one"):
         read_manifest(_manifest(tmp_path, classes=2))
 
 
