@@ -1,0 +1,266 @@
+"""The chest CT pipeline on series built from real slices, with a tiny random DenseNet.
+
+The model is a test fixture (random weights, growth rate 4): it makes the plumbing
+checkable (selection, streaming, batching, aggregation, evidence, result objects),
+not the accuracy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from support import shared_data, synthetic_ct_series
+
+keras = pytest.importorskip("keras")
+
+from fixture_models import write_ct_model, write_cxr_models  # noqa: E402
+
+from dicomnode.config import (  # noqa: E402
+    CTSelectionSettings,
+    CTSettings,
+    CXRSettings,
+    OutputSettings,
+    RoutingSettings,
+)
+from dicomnode.errors import ConfigError  # noqa: E402
+from dicomnode.pipelines.base import InstanceInput, StudyInput  # noqa: E402
+from dicomnode.pipelines.chest import ChestPipeline  # noqa: E402
+from dicomnode.pipelines.ct import NO_LUNG, CTPipeline  # noqa: E402
+from dicomnode.pipelines.cxr import CXRPipeline  # noqa: E402
+from dicomnode.results.encode import encode  # noqa: E402
+
+SINGLES = ("dicom_ct", "tcia_covid19_ny_sbu_single_slices")
+CHEST = ("A048383__axial__19010410-30.dcm", "A056642__axial__19010107-111.dcm")
+ABDOMEN = "A027284__axial__19000925-116.dcm"
+CORONAL = "A072894__19010103-Chest-058.dcm"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def instances_of(paths: list[Path]) -> tuple[InstanceInput, ...]:
+    """Index tags of files, as the worker gives them to a pipeline."""
+    out = []
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        out.append(
+            InstanceInput(
+                path=path,
+                sop_instance_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                modality=ds.Modality,
+                body_part_examined=ds.get("BodyPartExamined"),
+                view_position=ds.get("ViewPosition"),
+                image_type="\\".join(ds.get("ImageType", [])),
+                rows=ds.Rows,
+                columns=ds.Columns,
+                series_description=ds.get("SeriesDescription"),
+            )
+        )
+    return tuple(out)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_ct_model(tmp_path_factory.mktemp("models"), threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Path]]:
+    """A CT study: a 24-slice axial series (16 chest slices, 8 abdominal), a coronal
+    reformat series and a 4-slice thick chest series, all in one study."""
+    folder = shared_data(*SINGLES)
+    root = tmp_path_factory.mktemp("study")
+    sources = [folder / CHEST[0], folder / CHEST[1], folder / ABDOMEN]
+    axial = synthetic_ct_series(sources, root / "axial", 24, spacing_mm=1.25)
+    study_uid = str(dcmread(axial[0], stop_before_pixels=True).StudyInstanceUID)
+    coronal = synthetic_ct_series(
+        [folder / CORONAL], root / "coronal", 3, study_uid=study_uid, series_description="COR"
+    )
+    for path in coronal:  # keep it a coronal reformat
+        ds = dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
+        ds.save_as(path)
+    thick = synthetic_ct_series(
+        [folder / CHEST[0]], root / "thick", 4, study_uid=study_uid, spacing_mm=5.0
+    )
+    return study_uid, axial + coronal + thick
+
+
+def _pipeline(models_dir: Path, **changes: object) -> CTPipeline:
+    settings = CTSettings(
+        models_dir=models_dir,
+        classifier="ct-tiny",
+        batch_size=5,
+        selection=CTSelectionSettings(min_slices=3),
+        **changes,  # type: ignore[arg-type]
+    )
+    pipeline = CTPipeline(settings)
+    pipeline.load()
+    return pipeline
+
+
+def _dciodvfy_errors(data: bytes, tmp_path: Path) -> list[str]:
+    if not Path("/usr/bin/dciodvfy").exists():
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    path = tmp_path / "object.dcm"
+    path.write_bytes(data)
+    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_study_is_selected_streamed_scored_and_explained(
+    models_dir: Path, study: tuple[str, list[Path]], tmp_path: Path
+) -> None:
+    study_uid, paths = study
+    pipeline = _pipeline(models_dir)
+    study_input = StudyInput(study_uid, instances_of(paths))
+    outcome = pipeline.run(study_input)
+    result = outcome.analysis
+    assert outcome.skipped_reason is None
+    # Selection: the thin axial series; the reformat and the thicker series are recorded.
+    axial_uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert result.series_instance_uid == axial_uid
+    codes = sorted(s.code for s in result.selection.skipped)
+    assert codes == ["not-preferred", "reformat"]
+    # Every slice is read; only the chest ones (2 of each 3 sources) are classified.
+    assert result.slices_read == 24
+    assert len(result.slice_probabilities) == 16
+    assert {s.code for s in result.skipped_slices} == {NO_LUNG}
+    assert len(result.skipped_slices) == 8
+    probabilities = [p for _, p in result.slice_probabilities]
+    assert all(0.0 <= p <= 1.0 for p in probabilities)
+    assert result.score == pytest.approx(max(probabilities))
+    assert result.positive is True  # threshold 0.0 in the fixture manifest
+    # Evidence: the three most probable slices, highest first, each with a heat map.
+    assert len(result.evidence) == 3
+    top = sorted(probabilities, reverse=True)[:3]
+    assert [e.probability for e in result.evidence] == pytest.approx(top)
+    for e in result.evidence:
+        heat = e.heatmap_in_source()
+        assert heat.shape == (512, 512) and heat.min() >= 0.0 and heat.max() <= 1.0
+        assert e.lung_box.within(512, 512) and e.lung_fraction >= 0.02
+    summary = outcome.summary
+    assert summary["pipeline"] == "ct" and summary["slices_classified"] == 16
+    assert summary["selection"]["chosen"]["slices"] == 24
+    assert summary["slices_skipped"] == {NO_LUNG: 8}
+
+    # Result objects: one SR and one SC per evidence slice, dciodvfy-clean.
+    objects = encode(outcome, study_input, OutputSettings())
+    kinds = [o.sop_class_uid for o in objects]
+    assert kinds == [SR_CLASS, SC_CLASS, SC_CLASS, SC_CLASS]
+    for obj in objects:
+        assert _dciodvfy_errors(obj.data, tmp_path) == []
+    from io import BytesIO
+
+    sr = dcmread(BytesIO(objects[0].data))
+    assert sr.StudyInstanceUID == study_uid
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for evidence in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in evidence.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert referenced == {e.sop_instance_uid for e in result.evidence}
+    values = []
+
+    def walk(items):  # type: ignore[no-untyped-def]
+        for item in items:
+            if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "840539006":
+                values.append(float(item.MeasuredValueSequence[0].NumericValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    # The study score first, then each evidence slice's probability.
+    assert values == pytest.approx([result.score, *top], abs=1e-6)
+    for obj, e in zip(objects[1:], result.evidence, strict=True):
+        sc = dcmread(BytesIO(obj.data))
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == e.sop_instance_uid
+        assert (sc.Rows, sc.Columns) == (512, 512) and sc.BurnedInAnnotation == "YES"
+    # Re-running gives the same UIDs (a re-run replaces the objects in the PACS).
+    again = encode(pipeline.run(study_input), study_input, OutputSettings())
+    assert [o.sop_instance_uid for o in again] == [o.sop_instance_uid for o in objects]
+
+
+def test_aggregation_and_negative_call(models_dir: Path, study: tuple[str, list[Path]]) -> None:
+    study_uid, paths = study
+    pipeline = _pipeline(models_dir, aggregation="top_k_mean", top_k=4, evidence_slices=1)
+    result = pipeline.analyse(StudyInput(study_uid, instances_of(paths)))
+    probabilities = sorted((p for _, p in result.slice_probabilities), reverse=True)
+    assert result.score == pytest.approx(float(np.mean(probabilities[:4])))
+    assert len(result.evidence) == 1
+
+
+def test_nothing_to_analyse_is_skipped_with_coded_reasons(models_dir: Path, tmp_path: Path) -> None:
+    folder = shared_data(*SINGLES)
+    pipeline = _pipeline(models_dir)
+    abdomen = synthetic_ct_series([folder / ABDOMEN], tmp_path / "abd", 5)
+    outcome = pipeline.run(StudyInput("1.2.3", instances_of(abdomen)))
+    assert outcome.skipped_reason == (
+        "no slice of the chosen CT series could be classified: 5 no-lung"
+    )
+    described = synthetic_ct_series(
+        [folder / ABDOMEN], tmp_path / "abd2", 5, series_description="ABD/PEL 2.5 MM"
+    )
+    for path in described:  # no body part: the description decides
+        ds = dcmread(path)
+        del ds.BodyPartExamined
+        ds.save_as(path)
+    outcome = pipeline.run(StudyInput("1.2.3", instances_of(described)))
+    assert outcome.skipped_reason == "no axial chest CT series: 1 not-chest (description says ABD)"
+    assert outcome.summary["selection"]["skipped_series"][0]["instances"] == 5
+
+
+def test_wrong_model_task_is_a_config_error(tmp_path: Path) -> None:
+    models = write_cxr_models(tmp_path / "models")
+    pipeline = CTPipeline(CTSettings(models_dir=models, classifier="m1"))
+    with pytest.raises(ConfigError, match=r"ct\.classifier"):
+        pipeline.load()
+
+
+def test_chest_pipeline_runs_both_and_skips_with_both_reasons(
+    models_dir: Path, study: tuple[str, list[Path]], tmp_path: Path
+) -> None:
+    study_uid, paths = study
+    cxr_models = write_cxr_models(tmp_path / "cxr")
+    cxr = CXRPipeline(
+        CXRSettings(
+            models_dir=cxr_models, lung_mask="lung", members=("m1", "m2", "m3"), explain_member="m1"
+        ),
+        RoutingSettings(),
+    )
+    ct = CTPipeline(
+        CTSettings(
+            models_dir=models_dir,
+            classifier="ct-tiny",
+            selection=CTSelectionSettings(min_slices=3),
+        )
+    )
+    chest = ChestPipeline(cxr, ct)
+    chest.load()
+    ds = dcmread(
+        shared_data(
+            "dicom_cxr", "chest", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+        )
+    )
+    ds.StudyInstanceUID = study_uid  # the radiograph joins the CT study
+    radiograph = tmp_path / "cr.dcm"
+    ds.save_as(radiograph)
+    both = StudyInput(study_uid, instances_of(paths) + instances_of([radiograph]))
+    outcome = chest.run(both)
+    assert outcome.skipped_reason is None
+    assert outcome.analysis.cxr is not None and len(outcome.analysis.cxr.images) == 1
+    assert outcome.analysis.ct is not None and outcome.analysis.ct.score is not None
+    objects = encode(outcome, both, OutputSettings())
+    # CXR: one SR + one SC; CT: one SR + three SCs; all UIDs distinct.
+    assert len(objects) == 6 and len({o.sop_instance_uid for o in objects}) == 6
+    coronal_only = StudyInput(study_uid, instances_of(paths[24:27]))
+    outcome = chest.run(coronal_only)
+    assert outcome.skipped_reason == (
+        "no radiographs; no axial chest CT series: 1 reformat (ImageType REFORMATTED)"
+    )
