@@ -659,3 +659,28 @@ def synthetic_ct_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def instance_inputs(paths: Iterable[Path]) -> tuple[Any, ...]:
+    """``InstanceInput`` of files (their index tags), as the worker gives them to a pipeline."""
+    from dicomnode.pipelines.base import InstanceInput
+
+    out = []
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        out.append(
+            InstanceInput(
+                path=path,
+                sop_instance_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                modality=ds.Modality,
+                body_part_examined=ds.get("BodyPartExamined"),
+                view_position=ds.get("ViewPosition"),
+                image_type="\\".join(ds.get("ImageType", [])),
+                rows=ds.Rows,
+                columns=ds.Columns,
+                series_description=ds.get("SeriesDescription"),
+            )
+        )
+    return tuple(out)

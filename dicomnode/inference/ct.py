@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from dicomnode.inference.geometry import Box, crop, lung_box
 
@@ -26,6 +25,7 @@ BODY_THRESHOLD_HU = -500.0
 GAS_HU = -900.0
 #: Air pockets smaller than this (mm^2) are dropped (vessels' gaps, noise, small bowel gas).
 MIN_COMPONENT_MM2 = 300.0
+_KERNEL3 = np.ones((3, 3), np.uint8)
 #: Study-score aggregations of the per-slice probabilities.
 AGGREGATIONS = ("max", "top_k_mean", "percentile")
 
@@ -49,13 +49,23 @@ def body_mask(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarra
     smaller regions (a thin air gap parts them after a one-pixel opening) and are dropped.
     Filling holes brings the lungs and airways inside; the air around the patient stays out.
     """
-    tissue = hu > threshold
-    tissue = ndimage.binary_opening(tissue, structure=np.ones((3, 3), bool))
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(tissue.astype(np.uint8), 8)
+    tissue = (hu > threshold).astype(np.uint8)
+    tissue = cv2.morphologyEx(tissue, cv2.MORPH_OPEN, _KERNEL3)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(tissue, 8)
     if count <= 1:
         return np.zeros(hu.shape, bool)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return ndimage.binary_fill_holes(labels == largest)
+    return fill_holes(labels == largest)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every region it encloses filled (what cannot be reached from the border)."""
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
+    padded[1:-1, 1:-1] = mask
+    flood = padded.copy()
+    cv2.floodFill(flood, np.zeros((flood.shape[0] + 2, flood.shape[1] + 2), np.uint8), (0, 0), 1)
+    outside_or_mask = flood[1:-1, 1:-1].astype(bool)
+    return mask.astype(bool) | ~outside_or_mask
 
 
 def lung_mask_hu(
@@ -108,7 +118,7 @@ def lung_mask_hu(
             keep.append(label)
     if not keep:
         return LungMask(np.zeros(hu.shape, bool), 0.0, None)
-    mask = ndimage.binary_fill_holes(np.isin(labels, keep))
+    mask = fill_holes(np.isin(labels, keep))
     return LungMask(mask, float(mask.sum()) / body_pixels, lung_box(mask))
 
 

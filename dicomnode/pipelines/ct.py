@@ -273,10 +273,14 @@ class CTPipeline:
         if s.lung_mask:
             self.models[s.lung_mask] = load_model(self._spec(s.lung_mask, "lung-mask", "lung_mask"))
         self.gradcam = GradCAM(self.models[s.classifier], spec.gradcam_layer)
+        # Warm up with the shapes the studies use (classifier batches, one mask at a time).
         for name, model in self.models.items():
             model_spec = self.specs[name]
+            batch = s.batch_size if name == s.classifier else 1
             model.predict(
-                np.zeros((1, *model_spec.input_size, model_spec.channels), np.float32), verbose=0
+                np.zeros((batch, *model_spec.input_size, model_spec.channels), np.float32),
+                batch_size=batch,
+                verbose=0,
             )
         log.info("ct pipeline ready on %s: %s", self.device, ", ".join(self.models))
 
@@ -382,13 +386,16 @@ class CTPipeline:
         return _SliceRecord(ordered, lung.fraction, lung.box, crop)
 
     def _predict(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """P(finding) of each crop. A short batch is padded to ``batch_size`` so that the
+        model always sees one input shape (no retracing for each study's last batch)."""
         spec = self.classifier
-        x = to_model_input(np.stack(crops), spec.channels, spec.scale)
+        size = self.settings.batch_size
+        batch = np.zeros((max(size, len(crops)), *spec.input_size), np.uint8)
+        batch[: len(crops)] = np.stack(crops)
+        x = to_model_input(batch, spec.channels, spec.scale)
         with self._predict_lock:
-            out = self.models[self.settings.classifier].predict(
-                x, batch_size=self.settings.batch_size, verbose=0
-            )
-        return np.asarray(out, dtype=np.float64).reshape(len(crops), -1)[:, 0]
+            out = self.models[self.settings.classifier].predict(x, batch_size=size, verbose=0)
+        return np.asarray(out, dtype=np.float64).reshape(len(batch), -1)[: len(crops), 0]
 
     def _classify_series(
         self, slices: Sequence[OrderedSlice], result: CTStudyResult, timer: _Timer

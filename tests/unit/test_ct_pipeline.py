@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from support import shared_data, synthetic_ct_series
+from support import instance_inputs, shared_data, synthetic_ct_series
 
 keras = pytest.importorskip("keras")
 
@@ -27,7 +27,7 @@ from dicomnode.config import (  # noqa: E402
     RoutingSettings,
 )
 from dicomnode.errors import ConfigError  # noqa: E402
-from dicomnode.pipelines.base import InstanceInput, StudyInput  # noqa: E402
+from dicomnode.pipelines.base import StudyInput  # noqa: E402
 from dicomnode.pipelines.chest import ChestPipeline  # noqa: E402
 from dicomnode.pipelines.ct import NO_LUNG, CTPipeline  # noqa: E402
 from dicomnode.pipelines.cxr import CXRPipeline  # noqa: E402
@@ -39,29 +39,6 @@ ABDOMEN = "A027284__axial__19000925-116.dcm"
 CORONAL = "A072894__19010103-Chest-058.dcm"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-
-
-def instances_of(paths: list[Path]) -> tuple[InstanceInput, ...]:
-    """Index tags of files, as the worker gives them to a pipeline."""
-    out = []
-    for path in paths:
-        ds = dcmread(path, stop_before_pixels=True)
-        out.append(
-            InstanceInput(
-                path=path,
-                sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                series_instance_uid=ds.SeriesInstanceUID,
-                modality=ds.Modality,
-                body_part_examined=ds.get("BodyPartExamined"),
-                view_position=ds.get("ViewPosition"),
-                image_type="\\".join(ds.get("ImageType", [])),
-                rows=ds.Rows,
-                columns=ds.Columns,
-                series_description=ds.get("SeriesDescription"),
-            )
-        )
-    return tuple(out)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +96,7 @@ def test_study_is_selected_streamed_scored_and_explained(
 ) -> None:
     study_uid, paths = study
     pipeline = _pipeline(models_dir)
-    study_input = StudyInput(study_uid, instances_of(paths))
+    study_input = StudyInput(study_uid, instance_inputs(paths))
     outcome = pipeline.run(study_input)
     result = outcome.analysis
     assert outcome.skipped_reason is None
@@ -190,7 +167,7 @@ def test_study_is_selected_streamed_scored_and_explained(
 def test_aggregation_and_negative_call(models_dir: Path, study: tuple[str, list[Path]]) -> None:
     study_uid, paths = study
     pipeline = _pipeline(models_dir, aggregation="top_k_mean", top_k=4, evidence_slices=1)
-    result = pipeline.analyse(StudyInput(study_uid, instances_of(paths)))
+    result = pipeline.analyse(StudyInput(study_uid, instance_inputs(paths)))
     probabilities = sorted((p for _, p in result.slice_probabilities), reverse=True)
     assert result.score == pytest.approx(float(np.mean(probabilities[:4])))
     assert len(result.evidence) == 1
@@ -200,7 +177,7 @@ def test_nothing_to_analyse_is_skipped_with_coded_reasons(models_dir: Path, tmp_
     folder = shared_data(*SINGLES)
     pipeline = _pipeline(models_dir)
     abdomen = synthetic_ct_series([folder / ABDOMEN], tmp_path / "abd", 5)
-    outcome = pipeline.run(StudyInput("1.2.3", instances_of(abdomen)))
+    outcome = pipeline.run(StudyInput("1.2.3", instance_inputs(abdomen)))
     assert outcome.skipped_reason == (
         "no slice of the chosen CT series could be classified: 5 no-lung"
     )
@@ -211,7 +188,7 @@ def test_nothing_to_analyse_is_skipped_with_coded_reasons(models_dir: Path, tmp_
         ds = dcmread(path)
         del ds.BodyPartExamined
         ds.save_as(path)
-    outcome = pipeline.run(StudyInput("1.2.3", instances_of(described)))
+    outcome = pipeline.run(StudyInput("1.2.3", instance_inputs(described)))
     assert outcome.skipped_reason == "no axial chest CT series: 1 not-chest (description says ABD)"
     assert outcome.summary["selection"]["skipped_series"][0]["instances"] == 5
 
@@ -251,7 +228,7 @@ def test_chest_pipeline_runs_both_and_skips_with_both_reasons(
     ds.StudyInstanceUID = study_uid  # the radiograph joins the CT study
     radiograph = tmp_path / "cr.dcm"
     ds.save_as(radiograph)
-    both = StudyInput(study_uid, instances_of(paths) + instances_of([radiograph]))
+    both = StudyInput(study_uid, instance_inputs(paths) + instance_inputs([radiograph]))
     outcome = chest.run(both)
     assert outcome.skipped_reason is None
     assert outcome.analysis.cxr is not None and len(outcome.analysis.cxr.images) == 1
@@ -259,7 +236,7 @@ def test_chest_pipeline_runs_both_and_skips_with_both_reasons(
     objects = encode(outcome, both, OutputSettings())
     # CXR: one SR + one SC; CT: one SR + three SCs; all UIDs distinct.
     assert len(objects) == 6 and len({o.sop_instance_uid for o in objects}) == 6
-    coronal_only = StudyInput(study_uid, instances_of(paths[24:27]))
+    coronal_only = StudyInput(study_uid, instance_inputs(paths[24:27]))
     outcome = chest.run(coronal_only)
     assert outcome.skipped_reason == (
         "no radiographs; no axial chest CT series: 1 reformat (ImageType REFORMATTED)"
