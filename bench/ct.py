@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import resource
 import shutil
 import sys
@@ -150,6 +151,7 @@ def main() -> int:
                 f"{len(objects)} result objects"
             )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        load = os.getloadavg()[0]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _, total, steps, count = runs[-1]
@@ -177,6 +179,9 @@ def main() -> int:
                 f"full-width DenseNet-121 + sigmoid head, random weights, {SIZE} x {SIZE} x 3, "
                 f"batch {args.batch}; classical HU lung mask; 3 evidence slices with Grad-CAM; "
                 f"SR + 3 SCs encoded; second run (after a warm-up run); {count} result objects",
+                f"- 1-minute load average at the end of the timed run: {load:.1f} on "
+                f"{os.cpu_count()} CPUs (other work shared the machine when above "
+                f"{os.cpu_count()})",
                 "- seconds; decode, lung_mask and prepare are summed over the reading threads "
                 "(they overlap each other and classification), the other steps are wall time",
                 "- targets: at most 60 s on this 2-core CPU; at most 5 s on an H100. No GPU was "

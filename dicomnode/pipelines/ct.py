@@ -116,7 +116,7 @@ class CTSliceResult:
             "position_mm": None if self.position_mm is None else round(self.position_mm, 3),
             "probability": round(self.probability, 6),
             "lung_fraction": round(self.lung_fraction, 4),
-            "lung_box": [round(v, 1) for v in (*_xy(self.lung_box),)],
+            "lung_box": [round(v, 1) for v in _xy(self.lung_box)],
         }
 
 
