@@ -61,6 +61,7 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_HU = "Hounsfield units"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -164,7 +165,7 @@ def to_hu(source: str | os.PathLike[str] | Dataset) -> np.ndarray:
         except OSError:
             raise
         except Exception as exc:
-            raise ImageDecodeError(label, "", f"not readable as DICOM: {exc}") from exc
+            raise ImageDecodeError(label, "", f"not readable as DICOM: {exc}", _HU) from exc
     transfer_syntax = _transfer_syntax(ds)
     try:
         frame, decoded, _frames = _first_frame(ds, transfer_syntax)
@@ -176,7 +177,7 @@ def to_hu(source: str | os.PathLike[str] | Dataset) -> np.ndarray:
             )
         values = _modality(frame, ds)
     except _UnusableError as exc:
-        raise ImageDecodeError(label, transfer_syntax, str(exc)) from exc
+        raise ImageDecodeError(label, transfer_syntax, str(exc), _HU) from exc
     return np.asarray(values, dtype=np.float32)
 
 
@@ -407,11 +408,14 @@ class ImageDecodeError(DicomNodeError):
     (worker processes).
     """
 
-    def __init__(self, source: str, transfer_syntax: str, reason: str) -> None:
-        super().__init__(source, transfer_syntax, reason)
+    def __init__(
+        self, source: str, transfer_syntax: str, reason: str, target: str = "an 8-bit image"
+    ) -> None:
+        super().__init__(source, transfer_syntax, reason, target)
         self.source = source
         self.TransferSyntaxUID = str(transfer_syntax)
         self.reason = reason
+        self.target = target
 
     def __str__(self) -> str:
         uid = self.TransferSyntaxUID
@@ -423,4 +427,4 @@ class ImageDecodeError(DicomNodeError):
             if name and name != uid
             else f"transfer syntax {uid}"
         )
-        return f"cannot make an 8-bit image of {self.source} ({syntax}): {self.reason}"
+        return f"cannot make {self.target} of {self.source} ({syntax}): {self.reason}"

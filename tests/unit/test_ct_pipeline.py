@@ -241,3 +241,20 @@ def test_chest_pipeline_runs_both_and_skips_with_both_reasons(
     assert outcome.skipped_reason == (
         "no radiographs; no axial chest CT series: 1 reformat (ImageType REFORMATTED)"
     )
+
+
+def test_an_undecodable_slice_is_recorded_and_the_rest_analysed(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    folder = shared_data(*SINGLES)
+    paths = synthetic_ct_series([folder / CHEST[0]], tmp_path / "s", 6)
+    broken = dcmread(paths[2])
+    broken.PixelData = broken.PixelData[:1000]  # truncated pixel data
+    broken.save_as(paths[2])
+    pipeline = _pipeline(models_dir)
+    result = pipeline.analyse(StudyInput("1.2.3", instance_inputs(paths)))
+    assert result.slices_read == 6 and len(result.slice_probabilities) == 5
+    [skipped] = result.skipped_slices
+    assert skipped.code == "undecodable" and skipped.sop_instance_uid == broken.SOPInstanceUID
+    assert skipped.detail.startswith(f"cannot make Hounsfield units of {paths[2]}")
+    assert result.score is not None
