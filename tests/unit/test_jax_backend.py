@@ -1,7 +1,7 @@
 """The model code runs under ``KERAS_BACKEND=jax`` too (the GPU machine has JAX, no TensorFlow).
 
-Runs the registry, Grad-CAM, CXR pipeline and tiny-architecture tests again in a subprocess with the
-JAX backend. Skips when JAX is not installed.
+Runs the registry, Grad-CAM, CXR and CT pipeline and tiny-architecture tests again in a
+subprocess with the JAX backend. Skips when JAX is not installed.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def test_model_code_passes_its_tests_on_the_jax_backend() -> None:
             "no:cacheprovider",
             str(TESTS / "test_models.py"),
             str(TESTS / "test_cxr_pipeline.py"),
+            str(TESTS / "test_ct_pipeline.py"),
             # Every architecture, tiny: builds and predicts (the full nets file takes
             # minutes under JAX on this CPU, for XLA compilation).
             str(TESTS / "test_nets.py"),
