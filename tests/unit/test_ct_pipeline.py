@@ -71,11 +71,13 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Path]]:
 
 def _pipeline(models_dir: Path, **changes: object) -> CTPipeline:
     settings = CTSettings(
-        models_dir=models_dir,
-        classifier="ct-tiny",
-        batch_size=5,
-        selection=CTSelectionSettings(min_slices=3),
-        **changes,  # type: ignore[arg-type]
+        **{  # type: ignore[arg-type]
+            "models_dir": models_dir,
+            "classifier": "ct-tiny",
+            "batch_size": 5,
+            "selection": CTSelectionSettings(min_slices=3),
+            **changes,
+        }
     )
     pipeline = CTPipeline(settings)
     pipeline.load()
@@ -258,3 +260,27 @@ def test_an_undecodable_slice_is_recorded_and_the_rest_analysed(
     assert skipped.code == "undecodable" and skipped.sop_instance_uid == broken.SOPInstanceUID
     assert skipped.detail.startswith(f"cannot make Hounsfield units of {paths[2]}")
     assert result.score is not None
+
+
+def test_every_single_slice_is_analysed_or_skipped_with_a_reason(models_dir: Path) -> None:
+    """Each shared slice as its own one-slice study: no error; chest slices get a score,
+    the others a coded reason (abdomen: no lung or not chest; the reformats: reformat)."""
+    import csv
+
+    folder = shared_data(*SINGLES)
+    with (folder / "slices.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    pipeline = _pipeline(models_dir, selection=CTSelectionSettings(min_slices=1))
+    for row in rows:
+        [instance] = instance_inputs([folder / row["file"]])
+        outcome = pipeline.run(StudyInput(instance.sop_instance_uid, (instance,)))
+        region = row["region_by_visual_check"]
+        header = dcmread(folder / row["file"], stop_before_pixels=True)
+        if "REFORMATTED" in header.ImageType:
+            assert "1 reformat" in (outcome.skipped_reason or ""), row
+        elif region.startswith("abdomen"):
+            reason = outcome.skipped_reason or ""
+            assert "1 no-lung" in reason or "not-chest" in reason, row
+        elif region.startswith("chest"):
+            assert outcome.skipped_reason is None, row
+            assert outcome.analysis.evidence[0].sop_instance_uid == header.SOPInstanceUID
