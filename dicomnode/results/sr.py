@@ -571,7 +571,8 @@ def build_ct_sr(
          (e.g. SCT 840539006 "COVID-19"); TID 4019 the classifier (name, version;
          parameters: the aggregation, the decision threshold, the series and the number
          of slices classified); one NUM named by the class, value the study score
-         (probability, UCUM ``1``), INFERRED FROM the lung regions of the evidence slices;
+         (probability, UCUM ``1``), INFERRED FROM the most probable slice's lung region,
+         every evidence slice a Source of Measurement of the group;
          one qualitative evaluation named by the class, SCT "Present" when the score
          reaches the threshold, else SCT "Absent";
       2. for each evidence slice, highest probability first: its lung region (the lung
@@ -677,7 +678,10 @@ def build_ct_sr(
                 name=concept,
                 value=float(result.score),
                 unit=codes.UNITLESS,
-                referenced_coordinates=regions,
+                # One SCOORD (the most probable slice's lung region): viewers built on the
+                # Cornerstone SR adapters read one geometry per NUM. Every evidence slice is
+                # a Source of Measurement of the group.
+                referenced_coordinates=regions[:1],
             )
         ],
         qualitative_evaluations=[
