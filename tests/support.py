@@ -623,13 +623,15 @@ def synthetic_ct_series(
     series_uid: str | None = None,
     spacing_mm: float = 1.25,
     series_description: str = "CHEST AXIAL",
+    body_part: str = "CHEST",
 ) -> list[Path]:
     """A CT series of ``slices`` files made from real slices (cycled), with new UIDs.
 
     Each file is a copy of a source slice (its pixel data, Rescale and geometry tags)
     with the given Study and Series Instance UIDs, a new SOP Instance UID, Instance
     Number 1..n and Image Position (Patient) stepping ``spacing_mm`` along z (written in
-    shuffled order, so that sorting is needed). Patient identity is replaced. Nothing
+    shuffled order, so that sorting is needed); pixel data and transfer syntax are kept
+    (a JPEG 2000 source stays JPEG 2000). Patient identity is replaced. Nothing
     converted from the shared data is kept beyond the test (write under ``tmp_path``).
     """
     datasets = [dcmread(p) for p in sources]
@@ -645,12 +647,15 @@ def synthetic_ct_series(
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if not ds.get("SOPClassUID"):  # the TotalSegmentator example files have none
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.InstanceNumber = int(number) + 1
         ds.ImagePositionPatient = [x, y, round(-float(number) * spacing_mm, 3)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.SliceThickness = spacing_mm
         ds.SeriesDescription = series_description
-        ds.BodyPartExamined = "CHEST"
+        ds.BodyPartExamined = body_part
         ds.PatientName = "Synthetic^CT"
         ds.PatientID = "SYNTH-CT-0001"
         ds.AccessionNumber = ""

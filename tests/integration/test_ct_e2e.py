@@ -1,9 +1,9 @@
 """Chest CT end to end: storescu -> node (chest pipeline) -> Orthanc holds the SR and SCs.
 
 The study is built by the test from real slices (new UIDs and positions): a 20-slice
-axial series and a coronal reformat series. The node runs the ``chest`` pipeline with
-a tiny random DenseNet; what comes back must be dciodvfy-clean and reference the slices
-the pipeline chose as evidence.
+axial series, a coronal reformat series and a JPEG 2000 upper-abdomen series. The node
+runs the ``chest`` pipeline with a tiny random DenseNet; what comes back must be
+dciodvfy-clean and reference the slices the pipeline chose as evidence.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from support import OrthancServer, dcmtk, running_node, shared_data, storescu, synthetic_ct_series
+from support import (
+    OrthancServer,
+    dcmtk,
+    dicom_files,
+    running_node,
+    shared_data,
+    storescu,
+    synthetic_ct_series,
+    transfer_syntax_of,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,6 +76,18 @@ def test_ct_study_comes_back_with_sr_and_scs_referencing_the_evidence(tmp_path: 
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
         ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED", "AVERAGE"]
         ds.save_as(path)
+    # A JPEG 2000 series of the upper abdomen (BodyPartExamined PARTIALBODY): received as
+    # JPEG 2000, read, and skipped as not chest.
+    abdomen = synthetic_ct_series(
+        dicom_files(shared_data("dicom_ct", "totalsegmentator_example_ct_series_j2k"))[:6],
+        tmp_path / "j2k",
+        6,
+        study_uid=study_uid,
+        series_description="CT Body 3.0",
+        body_part="PARTIALBODY",
+        spacing_mm=2.0,
+    )
+    assert transfer_syntax_of(abdomen[0]) == "1.2.840.10008.1.2.4.90"
     orthanc = OrthancServer(tmp_path / "orthanc")
     orthanc.start()
     try:
@@ -83,7 +104,7 @@ def test_ct_study_comes_back_with_sr_and_scs_referencing_the_evidence(tmp_path: 
             }
         )
         with running_node(tmp_path / "node", **sections) as node:  # type: ignore[arg-type]
-            for run in storescu(axial + coronal, node.port):
+            for run in storescu(axial + coronal + abdomen, node.port):
                 assert run.returncode == 0, run.stdout + run.stderr
             node.wait_for(
                 lambda s: study_uid in s and s[study_uid]["state"] in ("done", "skipped", "failed"),
@@ -107,7 +128,11 @@ def test_ct_study_comes_back_with_sr_and_scs_referencing_the_evidence(tmp_path: 
         ct = summary["ct"]
         assert summary["pipeline"] == "chest" and summary["cxr"] is None
         assert ct["selection"]["chosen"]["slices"] == 20
-        assert [s["code"] for s in ct["selection"]["skipped_series"]] == ["reformat"]
+        skipped = sorted((s["code"], s["detail"]) for s in ct["selection"]["skipped_series"])
+        assert skipped == [
+            ("not-chest", "BodyPartExamined PARTIALBODY"),
+            ("reformat", "ImageType REFORMATTED"),
+        ]
         assert ct["slices_classified"] < 20 and ct["slices_skipped"]["no-lung"] > 0
         evidence = [e["sop_instance_uid"] for e in ct["evidence"]]
         assert len(evidence) == 3
