@@ -348,6 +348,14 @@ class CTPipeline:
             result.positive = result.score >= result.threshold
             result.evidence = self._evidence(records, result, timer)
         timer.add("total", started)
+        log.info(
+            "ct: %d slices read (%s), %d classified, score %s in %.1f s",
+            result.slices_read,
+            selection.why,
+            len(result.slice_probabilities),
+            "none" if result.score is None else f"{result.score:.4f}",
+            timer.seconds["total"],
+        )
         return result
 
     def _lung(self, hu: np.ndarray, spacing: tuple[float, float] | None) -> LungMask:
