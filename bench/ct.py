@@ -5,6 +5,7 @@ Usage::
 
     python3 bench/ct.py                    # 300 slices, batch 16
     python3 bench/ct.py --slices 60        # a quicker run
+    python3 bench/ct.py --node             # also storescu -> node -> Orthanc, end to end
     KERAS_BACKEND=jax python3 bench/ct.py  # on the GPU machine
 
 Builds DenseNet-121 with the seed 001 head (one sigmoid output) at full width with
@@ -16,7 +17,9 @@ It is run once to warm up, then timed: series selection (headers), decoding, lun
 mask, preparation (these three in the reading threads, so their sums can exceed the
 wall time), classification, Grad-CAM on the top slices, and the result objects
 (SR + SCs, :func:`dicomnode.results.encode.encode`). ``total`` is the wall time from
-the study's file list to the encoded objects.
+the study's file list to the encoded objects. With ``--node`` the same study is then
+sent with storescu to a real node (CT pipeline, Orthanc as the PACS) and timed from
+storescu exiting to the SR and SCs stored in Orthanc, minus the CT quiet period.
 
 Writes the table to ``bench/RESULTS.md`` under ``## ct``. Targets: at most 60 s on
 the 2-core CPU, at most 5 s on an H100.
@@ -60,6 +63,8 @@ CHEST_SLICES = (
     "A056642__axial__19010107-111.dcm",
     "A072894__axial__19010103-40.dcm",
 )
+#: CT quiet period of the node in the ``--node`` run (seconds).
+QUIET_S = 2.0
 STEPS = ("select", "decode", "lung_mask", "prepare", "classify", "gradcam", "results")
 SIZE = 224
 
@@ -101,11 +106,72 @@ def build_model(root: Path) -> None:
     )
 
 
+def run_node(models: Path, paths: list[Path], tmp: Path) -> tuple[float, float, int]:
+    """Send the study to a real node (CT pipeline, Orthanc as the PACS).
+
+    Returns (seconds storescu took, seconds from storescu exiting to the SR and every SC
+    in Orthanc minus the CT quiet period, result objects in Orthanc).
+    """
+    from support import NodeProcess, OrthancServer, free_port, storescu, write_config
+
+    orthanc = OrthancServer(tmp / "orthanc")
+    orthanc.start()
+    node = None
+    try:
+        port = free_port()
+        config = write_config(
+            tmp / "node",
+            port,
+            quiet_period_s={"CT": QUIET_S},
+            worker={"pipeline": "ct", "processes": 1},
+            ct={"models_dir": str(models), "classifier": "ct-densenet121"},
+            destinations=[
+                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.port}
+            ],
+        )
+        node = NodeProcess(config=config, port=port, log_path=tmp / "node.log")
+        node.start(timeout=300)
+        deadline = time.monotonic() + 300
+        while "ct pipeline ready" not in node.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        started = time.monotonic()
+        for run in storescu(paths, port, timeout=600):
+            if run.returncode != 0:
+                raise RuntimeError(run.stderr)
+        sent = time.monotonic()
+        deadline = sent + 900
+        count = 0
+        while time.monotonic() < deadline:
+            count = sum(
+                1
+                for study in orthanc.get("/studies")
+                for instance in orthanc.get(f"/studies/{study}/instances")
+                if orthanc.get(f"/instances/{instance['ID']}/simplified-tags")["Modality"]
+                in ("SR", "OT")
+            )
+            if count >= 4:
+                break
+            time.sleep(0.5)
+        arrived = time.monotonic()
+        if count < 4:
+            raise TimeoutError(f"only {count} result objects arrived; see {tmp / 'node.log'}")
+        return sent - started, arrived - sent - QUIET_S, count
+    finally:
+        if node is not None and node.proc is not None:
+            node.stop(timeout=120)
+        orthanc.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument(
+        "--node",
+        action="store_true",
+        help="also send the study through a real node to Orthanc (storescu -> SR + SCs)",
+    )
     args = parser.parse_args()
     if not SINGLES.exists():
         print(f"{SINGLES} is absent: the benchmark builds its study from those slices")
@@ -152,6 +218,15 @@ def main() -> int:
             )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         load = os.getloadavg()[0]
+        node_row = None
+        if args.node:
+            del pipeline  # free the in-process model before the node loads its own
+            store_s, beyond_s, count = run_node(tmp / "models", paths, tmp)
+            node_row = (store_s, beyond_s, count)
+            print(
+                f"node: storescu {store_s:.1f} s, then {beyond_s:.1f} s beyond the {QUIET_S} s "
+                f"quiet period to {count} result objects in Orthanc"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _, total, steps, count = runs[-1]
@@ -163,6 +238,15 @@ def main() -> int:
         + " | ".join(f"{steps.get(k, 0):.2f}" for k in STEPS)
         + f" | {args.slices / total:.1f} | {peak:.0f} |",
     ]
+    if node_row is not None:
+        store_s, beyond_s, count = node_row
+        table += [
+            "",
+            "| through the node (`--node`) | storescu s | storescu done -> SR + SCs in Orthanc, "
+            "minus quiet period, s | result objects |",
+            "|---|---|---|---|",
+            f"| {args.slices} slices, one association | {store_s:.1f} | {beyond_s:.1f} | {count} |",
+        ]
     print("\n".join(table))
     if not args.no_write:
         write_section(
@@ -173,7 +257,8 @@ def main() -> int:
                 "",
                 f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
                 f"- machine: {machine_description()}; Keras {keras.__version__}, {device}",
-                f"- command: `python3 bench/ct.py --slices {args.slices} --batch {args.batch}`",
+                f"- command: `python3 bench/ct.py --slices {args.slices} --batch {args.batch}"
+                f"{' --node' if args.node else ''}`",
                 f"- a {args.slices}-slice axial chest CT study built from the 8 real axial chest "
                 "slices of ../shared/data/dicom_ct (512 x 512, cycled, new UIDs, 1.25 mm apart); "
                 f"full-width DenseNet-121 + sigmoid head, random weights, {SIZE} x {SIZE} x 3, "
