@@ -149,11 +149,6 @@ class CTStudyResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def images(self) -> list[CTSliceResult]:
-        """The evidence slices (what the result objects reference)."""
-        return self.evidence
-
-    @property
     def series_instance_uid(self) -> str | None:
         s = self.selection.series
         return None if s is None else s.series_instance_uid
