@@ -284,3 +284,33 @@ def test_every_single_slice_is_analysed_or_skipped_with_a_reason(models_dir: Pat
         elif region.startswith("chest"):
             assert outcome.skipped_reason is None, row
             assert outcome.analysis.evidence[0].sop_instance_uid == header.SOPInstanceUID
+
+
+def test_a_configured_lung_mask_model_replaces_the_hu_method(
+    study: tuple[str, list[Path]], tmp_path: Path
+) -> None:
+    """Plumbing only: the fixture "U-Net" marks dark pixels (air) as lung."""
+    study_uid, paths = study
+    models = write_cxr_models(tmp_path / "models")  # has "lung", a lung-mask model
+    write_ct_model(models, threshold=0.0)
+    pipeline = _pipeline(models, lung_mask="lung", min_lung_fraction=0.0)
+    study_input = StudyInput(study_uid, instance_inputs(paths))
+    outcome = pipeline.run(study_input)
+    result = outcome.analysis
+    assert result.lung_mask_method == "model:lung"
+    assert {m.name for m in result.models} == {"ct-tiny", "lung"}
+    assert result.score is not None and result.evidence
+    objects = encode(outcome, study_input, OutputSettings())
+    from io import BytesIO
+
+    sr = dcmread(BytesIO(objects[0].data))
+    names = set()
+
+    def walk(items):  # type: ignore[no-untyped-def]
+        for item in items:
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "111001":
+                names.add(item.TextValue)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert names == {"ct-tiny", "lung"}  # TID 4019: the classifier and the mask model
