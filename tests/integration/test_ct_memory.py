@@ -12,7 +12,7 @@ header and a few numbers (a few KiB) and at most one chunk of 64 classifier crop
 600-slice peak may exceed the 20-slice peak by at most **100 MiB** (a third of one int16
 copy of the volume), and the whole process (Python, TensorFlow, the tiny model) stays
 under an absolute **1,200 MiB** (TensorFlow alone is most of it). Measured on the 2-core
-CI machine: 794 MiB for 20 slices, 803 MiB for 600.
+CI machine: 780 to 794 MiB for 20 slices, 5 to 9 MiB more for 600.
 """
 
 from __future__ import annotations
