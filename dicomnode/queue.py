@@ -247,8 +247,12 @@ def finish(
     summary: dict[str, Any],
     skipped_reason: str | None = None,
     now: datetime | None = None,
+    note: str | None = None,
 ) -> bool:
     """Mark the job done and put its result objects in the outbox, in one transaction.
+
+    The study becomes ``skipped`` with ``skipped_reason`` when one is given, else ``done``
+    with ``note`` (what the analysis left out, e.g. skipped CT series) as its reason.
 
     Returns False (and changes nothing) when the job is no longer this worker's.
     """
@@ -301,7 +305,7 @@ def finish(
                     )
                 )
         state, reason = (
-            (StudyState.SKIPPED, skipped_reason) if skipped_reason else (StudyState.DONE, None)
+            (StudyState.SKIPPED, skipped_reason) if skipped_reason else (StudyState.DONE, note)
         )
         session.execute(
             update(Study)

@@ -189,6 +189,7 @@ class Worker:
             destinations,
             summary,
             skipped_reason=outcome.skipped_reason,
+            note=outcome.note,
         ):
             self.jobs_done += 1
             log.info(

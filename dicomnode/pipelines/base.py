@@ -58,6 +58,8 @@ class PipelineOutcome:
     """Set when the study holds nothing this pipeline analyses."""
     analysis: Any = None
     """The pipeline's typed result, for the result encoders (SR, SC)."""
+    note: str | None = None
+    """For an analysed study: what was left out and why (coded), shown by ``status``."""
 
 
 class Pipeline(Protocol):

@@ -9,6 +9,7 @@ pipelines are loaded once, when the worker starts.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,4 +75,18 @@ class ChestPipeline:
     def run(self, study: StudyInput) -> PipelineOutcome:
         result = self.analyse(study)
         reason = None if result.analysed else "; ".join(result.reasons)
-        return PipelineOutcome(summary=result.summary(), skipped_reason=reason, analysis=result)
+        note = None
+        if result.analysed:
+            notes = []
+            if result.cxr is not None and result.cxr.images and result.cxr.skipped:
+                codes = Counter(s.code for s in result.cxr.skipped)
+                notes.append(
+                    "cxr: skipped images: "
+                    + ", ".join(f"{n} {c}" for c, n in sorted(codes.items()))
+                )
+            if result.ct is not None and result.ct.note:
+                notes.append(result.ct.note)
+            note = "; ".join(notes) or None
+        return PipelineOutcome(
+            summary=result.summary(), skipped_reason=reason, analysis=result, note=note
+        )

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -166,6 +167,28 @@ class CTStudyResult:
         parts = ", ".join(f"{n} {code}" for code, n in sorted(counts.items()))
         return f"no slice of the chosen CT series could be classified: {parts or 'no slices'}"
 
+    @property
+    def note(self) -> str | None:
+        """For an analysed study, what was left out (coded counts), else None."""
+        if self.score is None:
+            return None
+        parts = []
+        series = Counter(s.code for s in self.selection.skipped)
+        if series:
+            parts.append(
+                "skipped series: " + ", ".join(f"{n} {c}" for c, n in sorted(series.items()))
+            )
+        slices = Counter(s.code for s in self.skipped_slices)
+        if slices:
+            parts.append(
+                "slices not classified: " + ", ".join(f"{n} {c}" for c, n in sorted(slices.items()))
+            )
+        if not parts:
+            return None
+        return f"ct: {len(self.slice_probabilities)} of {self.slices_read} slices classified; " + (
+            "; ".join(parts)
+        )
+
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for s in self.skipped_slices:
@@ -294,7 +317,10 @@ class CTPipeline:
     def run(self, study: StudyInput) -> PipelineOutcome:
         result = self.analyse(study)
         return PipelineOutcome(
-            summary=result.summary(), skipped_reason=result.reason, analysis=result
+            summary=result.summary(),
+            skipped_reason=result.reason,
+            analysis=result,
+            note=result.note,
         )
 
     def analyse(self, study: StudyInput) -> CTStudyResult:

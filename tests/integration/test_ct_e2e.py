@@ -118,6 +118,11 @@ def test_ct_study_comes_back_with_sr_and_scs_referencing_the_evidence(tmp_path: 
             assert status["deliveries"]["pending"] == 0, status["undelivered"]
             [study] = node.studies().values()
             assert study["state"] == "done", study
+            # status shows what the analysis left out, by code.
+            assert study["reason"].startswith("ct: ")
+            assert "skipped series: 1 not-chest, 1 reformat" in study["reason"]
+            assert "slices not classified: " in study["reason"] and "no-lung" in study["reason"]
+            assert "1 not-chest, 1 reformat" in node.cli("status").stdout
             db = Database(load_settings(node.config).database.url)
             with db.read() as session:
                 [summary_json] = session.execute(

@@ -128,6 +128,10 @@ def test_study_is_selected_streamed_scored_and_explained(
     assert summary["pipeline"] == "ct" and summary["slices_classified"] == 16
     assert summary["selection"]["chosen"]["slices"] == 24
     assert summary["slices_skipped"] == {NO_LUNG: 8}
+    assert outcome.note == (
+        "ct: 16 of 24 slices classified; skipped series: 1 not-preferred, 1 reformat; "
+        "slices not classified: 8 no-lung"
+    )
 
     # Result objects: one SR and one SC per evidence slice, dciodvfy-clean.
     objects = encode(outcome, study_input, OutputSettings())
