@@ -73,7 +73,53 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", parents=[common], help="database tools")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser("upgrade", parents=[common], help="apply database migrations")
+    _add_training_commands(sub)
     return parser
+
+
+#: Commands that need no node configuration (they work on models and data only).
+TRAINING_COMMANDS = ("train", "evaluate")
+
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from dicomnode.training import DEFAULT_DATA_DIR, add_common_arguments, targets
+
+    train = sub.add_parser(
+        "train", help="train a model from data (resumable; see docs/training.md)"
+    )
+    train_sub = train.add_subparsers(dest="target", required=True, metavar="TARGET")
+    for name, target in sorted(targets().items()):
+        parser = train_sub.add_parser(name, help=target.summary, description=target.summary)
+        add_common_arguments(parser, target.default_out or f"models/{name}")
+        if target.add_arguments is not None:
+            target.add_arguments(parser)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="re-measure a trained model on its held-out split; rewrite its MODEL_CARD.md",
+    )
+    evaluate.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="e.g. models/NAME")
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help=f"data root (default: {DEFAULT_DATA_DIR})",
+    )
+
+
+def _cmd_training(args: argparse.Namespace) -> int:
+    import logging
+
+    from dicomnode.training import evaluate_model, get_target
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "train":
+        out = get_target(args.target).train(args)
+        print(f"model written to {out}")
+        return EXIT_OK
+    metrics = evaluate_model(args.model_dir, args.data)
+    print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    return EXIT_OK
 
 
 def _cmd_config_check(settings: Settings) -> int:
@@ -177,6 +223,12 @@ def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``dicomnode`` command and return its exit code."""
     args = build_parser().parse_args(argv)
+    if args.command in TRAINING_COMMANDS:
+        try:
+            return _cmd_training(args)
+        except DicomNodeError as exc:
+            print(f"dicomnode: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
