@@ -10,7 +10,7 @@ The framework (shared by every target):
 
 A *target* is one kind of model the node can train (``lung-unet``, ``ct-classifier``,
 ``detector``, ``member``, ``stacking``). Each lives in a module of the
-:mod:`dicomnode.training.targets` package and registers a :class:`Target` with
+:mod:`dicomnode.training.recipes` package and registers a :class:`Target` with
 :func:`register` when imported; :func:`targets` imports every module of that package
 and returns the registry (adding a target is adding a module: no list to edit).
 Target modules must not import Keras at module level, so that building the command
@@ -40,7 +40,7 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_SEED = 42
 
 #: The package whose modules register targets when imported.
-TARGETS_PACKAGE = "dicomnode.training.targets"
+TARGETS_PACKAGE = "dicomnode.training.recipes"
 
 
 class TrainingError(DicomNodeError):

@@ -44,6 +44,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -197,25 +198,25 @@ def thumbnail(grey: np.ndarray) -> np.ndarray:
 
 
 class _UnionFind:
-    """Disjoint sets of hashable items; the smallest item (by sort order) is each root."""
+    """Disjoint sets of hashable items; ``union(a, b)`` keeps ``a``'s root as the root."""
 
     def __init__(self) -> None:
-        self.parent: dict = {}
+        self.parent: dict[Any, Any] = {}
 
-    def find(self, item):  # type: ignore[no-untyped-def]
+    def find(self, item: Any) -> Any:
+        """The root of ``item``'s set."""
         self.parent.setdefault(item, item)
         while self.parent[item] != item:
             self.parent[item] = self.parent[self.parent[item]]
             item = self.parent[item]
         return item
 
-    def union(self, a, b) -> bool:  # type: ignore[no-untyped-def]
-        """Join the sets of ``a`` and ``b``; True when they were apart."""
+    def union(self, a: Any, b: Any) -> bool:
+        """Join ``b``'s set into ``a``'s; True when they were apart."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return False
-        low, high = sorted((ra, rb))
-        self.parent[high] = low
+        self.parent[rb] = ra
         return True
 
 
@@ -224,7 +225,8 @@ def duplicate_sets(thumbnails: np.ndarray, threshold: float = DUPLICATE_CORRELAT
     sets = _UnionFind()
     correlation = thumbnails @ thumbnails.T / thumbnails.shape[1]
     for i, j in zip(*np.nonzero(np.triu(correlation >= threshold, k=1)), strict=True):
-        sets.union(int(i), int(j))
+        low, high = sorted((sets.find(int(i)), sets.find(int(j))))
+        sets.union(low, high)  # the lowest index is each set's root
     return [sets.find(i) for i in range(len(thumbnails))]
 
 
@@ -254,7 +256,9 @@ def load_cxr_set(
     dropped = conflicts = merged = 0
     for indices in members.values():
         # The ieee8023 original first (metadata, full resolution), then by path.
-        ordered = sorted(indices, key=lambda i: (images[i].source != "ieee8023", str(images[i].path)))
+        ordered = sorted(
+            indices, key=lambda i: (images[i].source != "ieee8023", str(images[i].path))
+        )
         kept = ordered[0]
         keep.append(kept)
         dropped += len(ordered) - 1

@@ -318,7 +318,9 @@ def prune_channels(model: keras.Model, keep: dict[str, Sequence[int]]) -> keras.
         array = np.asarray(sorted(set(int(c) for c in channels)), dtype=np.int64)
         width = int(model.get_layer(name).output.shape[-1])
         if array.size == 0 or array[0] < 0 or array[-1] >= width:
-            raise PruneError(f"layer {name!r}: channels to keep {list(channels)!r} not in 0..{width - 1}")
+            raise PruneError(
+                f"layer {name!r}: channels to keep {list(channels)!r} not in 0..{width - 1}"
+            )
         keep_arrays[name] = array
     _, input_maps = _propagate(model, keep_arrays)
 
@@ -359,7 +361,7 @@ def prune_channels(model: keras.Model, keep: dict[str, Sequence[int]]) -> keras.
 def iterative_prune(
     model: keras.Model,
     validation_images: np.ndarray,
-    fine_tune: Callable[[keras.Model, int], None],
+    fine_tune: Callable[[keras.Model, int], keras.Model],
     evaluate: Callable[[keras.Model], float],
     step: float = 0.02,
     max_fraction: float = 0.5,
@@ -371,11 +373,12 @@ def iterative_prune(
 ) -> PruneResult:
     """The seed's loop: measure APoZ, drop ``step`` of the channels, fine-tune, repeat.
 
-    ``fine_tune(model, step)`` trains the pruned model in place (it is compiled by the
-    caller's function); ``evaluate(model)`` returns the validation metric (higher is
-    better). Steps continue until ``max_fraction`` of the original prunable channels are
-    gone. The kept step is the best by the metric; with ``tolerance > 0`` it is the most
-    pruned step whose metric is within ``tolerance`` of the best (smaller at no real cost).
+    ``fine_tune(model, step)`` trains the (uncompiled) pruned model of ``step`` and
+    returns the model to keep (e.g. its best epoch on validation); ``evaluate(model)``
+    returns the validation metric (higher is better). Steps continue until
+    ``max_fraction`` of the original prunable channels are gone. The kept step is the
+    best by the metric; with ``tolerance > 0`` it is the most pruned step whose metric is
+    within ``tolerance`` of the best (smaller at no real cost).
     With ``work_dir``, each step's model and the table are saved there and a rerun resumes
     from the last saved step.
     """
@@ -389,7 +392,7 @@ def iterative_prune(
     total = sum(original.values())
     base_params = model.count_params()
     per_step = max(1, round(step * total))
-    n_steps = int(math.floor(max_fraction / step + 1e-9))
+    n_steps = math.floor(max_fraction / step + 1e-9)
     table_path = work_dir / "prune_steps.json" if work_dir else None
     if work_dir:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +432,7 @@ def iterative_prune(
                 say(f"step {index}: nothing left to prune above the per-layer floor")
                 break
             current = prune_channels(current, keep)
-            fine_tune(current, index)
+            current = fine_tune(current, index)
         steps.append(row(index, current, evaluate(current)))
         models.append(current)
         if checkpoint:
