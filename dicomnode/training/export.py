@@ -62,6 +62,16 @@ def _table(name: str, values: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def inference_copy(model: Any) -> Any:
+    """An uncompiled copy of a functional ``model`` with its weights: no optimizer state,
+    no loss, so the shipped file holds only what inference needs."""
+    import keras
+
+    clean = keras.Model.from_config(model.get_config())
+    clean.set_weights(model.get_weights())
+    return clean
+
+
 def export_model(
     model: Any,
     out_dir: Path,
@@ -84,6 +94,8 @@ def export_model(
 ) -> ModelSpec:
     """Save ``model`` as ``out_dir/model.keras``, write the manifest, return it parsed.
 
+    The weights file holds an :func:`inference_copy` (no optimizer state).
+
     ``input_extra`` adds keys to ``[input]`` (e.g. CT ``window_center``/``window_width``);
     ``training`` becomes the ``[training]`` table and must name the ``target`` that
     ``dicomnode evaluate`` uses to re-measure the model.
@@ -92,7 +104,7 @@ def export_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
     tmp = out_dir / f".{WEIGHTS_FILE}.tmp.keras"
-    model.save(tmp)
+    inference_copy(model).save(tmp)
     tmp.replace(weights)
     header: dict[str, Any] = {
         "name": name,
@@ -168,6 +180,7 @@ __all__ = [
     "ClassCode",
     "device_uid",
     "export_model",
+    "inference_copy",
     "training_table",
     "verify_export",
 ]

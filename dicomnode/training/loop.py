@@ -53,6 +53,7 @@ class FitSettings:
     ``monitor`` is a key of the ``validate`` result (or ``"loss"``, the mean training
     loss of the epoch); ``mode`` says whether higher (``"max"``) or lower is better.
     ``fingerprint`` must be JSON-serialisable and identifies the run for resuming.
+    ``progress`` turns the per-batch bar on or off; one line per epoch is always printed.
     """
 
     epochs: int
@@ -160,8 +161,7 @@ def fit(
         best_epoch = int(state["best_epoch"])
         best_score: float | None = state["best_score"]
         log.info("resuming %s after epoch %d", folder, done)
-        if settings.progress:
-            print(f"resuming from {folder} after epoch {done}", flush=True)
+        print(f"resuming from {folder} after epoch {done}", flush=True)
     else:
         keras.utils.set_random_seed(settings.seed)
         model = build()
@@ -219,8 +219,7 @@ def fit(
         )
         message = f"epoch {epoch}/{settings.epochs}: {summary} ({record['seconds']:.0f} s)"
         log.info(message)
-        if settings.progress:
-            print(message + (" *best*" if best_epoch == epoch else ""), flush=True)
+        print(message + (" *best*" if best_epoch == epoch else ""), flush=True)
     if not (folder / BEST_FILE).is_file():
         raise TrainingError(f"checkpoint {str(folder)!r} has no {BEST_FILE}; delete it")
     best = keras.models.load_model(folder / BEST_FILE, custom_objects=objects, compile=False)
