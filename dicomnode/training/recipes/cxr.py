@@ -430,21 +430,34 @@ def evaluate_member(model_dir: Path, data_dir: Path) -> dict[str, Any]:
         tables=[*report.tables, *prune_tables],
         plots=report.plots,
         limitations=LIMITATIONS,
-        commands=_member_commands(spec.architecture, folder.name, bool(pruning)),
+        commands=_member_commands(folder, spec, training),
     )
     write_card(folder, card)
     return metrics
 
 
-def _member_commands(architecture: str, name: str, pruned: bool) -> list[str]:
-    name = name.removesuffix("-full")
+def _member_commands(folder: Path, spec: Any, training: dict[str, Any]) -> list[str]:
+    """The commands that made this member (training, then pruning when it was pruned)."""
+    name = folder.name.removesuffix("-full")
     full = f"build/{name}-full"
+    builder = spec.builder
     commands = [
-        f"python3 -m dicomnode.cli train member --architecture {architecture} --out {full}",
+        f"python3 -m dicomnode.cli train member --architecture {spec.architecture} "
+        f"--width-multiplier {builder.get('width_multiplier')} "
+        f"--head-channels {builder.get('head_channels')} "
+        f"--input-size {builder.get('input_size')} --epochs {training.get('epochs')} "
+        f"--learning-rate {training.get('learning_rate')} --seed {training.get('seed')} "
+        f"--out {full}",
     ]
-    if pruned:
-        commands.append(f"python3 -m dicomnode.cli prune {full} --out models/{name}")
-    commands.append(f"python3 -m dicomnode.cli evaluate models/{name}")
+    record_path = folder / PRUNING_FILE
+    if record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        commands.append(
+            f"python3 -m dicomnode.cli prune {full} --out models/{name} "
+            f"--step {record['step']} --max {record['max_fraction']} "
+            f"--tolerance {record['tolerance']} --fine-tune-epochs {record['fine_tune_epochs']}"
+        )
+    commands.append(f"python3 -m dicomnode.cli evaluate {folder.parent.name}/{folder.name}")
     return commands
 
 
