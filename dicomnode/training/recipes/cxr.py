@@ -386,27 +386,32 @@ def evaluate_member(model_dir: Path, data_dir: Path) -> dict[str, Any]:
     if pruning:
         metrics["pruning"] = pruning
     label = MEMBER_ARCHITECTURES.get(spec.architecture, spec.architecture)
-    builder = ", ".join(f"{k}={v}" for k, v in spec.builder.items())
+    arguments = _builder_arguments(spec, training)
+    builder = ", ".join(f"{k}={v}" for k, v in arguments.items())
+    head_filters = next(
+        (layer.filters for layer in model.layers if layer.name.startswith("extra_conv")),
+        arguments.get("head_channels"),
+    )
     card = ModelCard(
         name=spec.name,
         version=spec.version,
         title=f"{spec.name}: {label} member of the CXR ensemble",
         summary=(
-            f"A {label} classifier (`{spec.architecture}({builder})`, the seed 000 head) "
+            f"The {label} classifier (`{spec.architecture}({builder})`, the seed 000 head) "
             f"giving the probabilities of {', '.join(f'`{c}`' for c in CLASS_NAMES)} for a "
             "frontal chest X-ray; one member of the node's ensemble (`config.toml` "
             "[cxr] members). The ensemble's comparison with its members is in "
             "`models/cxr-stacking/MODEL_CARD.md`."
         ),
         architecture=(
-            f"{label} backbone at width {spec.builder.get('width_multiplier')} "
+            f"{label} backbone at width {arguments.get('width_multiplier')} "
             + (
                 "(a small Inception-style stand-in below full width, not Inception-V3) "
                 if spec.architecture == "inceptionv3_classifier"
-                and spec.builder.get("width_multiplier") != 1.0
+                and arguments.get("width_multiplier") != 1.0
                 else ""
             )
-            + f"-> ZeroPadding2D(1) -> Conv2D({spec.builder.get('head_channels')}, 5x5, "
+            + f"-> ZeroPadding2D(1) -> Conv2D({head_filters}, 5x5, "
             f"stride 2, relu) -> GlobalAveragePooling2D -> Dropout(0.5) -> "
             f"Dense({len(CLASS_NAMES)}, softmax); {metrics['parameters']:,} parameters, "
             f"weights file {metrics['weights_bytes'] / 1e6:.2f} MB"
@@ -419,7 +424,7 @@ def evaluate_member(model_dir: Path, data_dir: Path) -> dict[str, Any]:
         split_method=data.describe(),
         split_counts=data.counts,
         training={
-            **{k: v for k, v in training.items() if k != "target"},
+            **{k: v for k, v in training.items() if k != "target" and not k.startswith("builder_")},
             "classes (output order)": ", ".join(
                 f"{c.name} (SCT {c.code_value} {c.code_meaning})" for c in spec.classes
             ),
@@ -436,11 +441,20 @@ def evaluate_member(model_dir: Path, data_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def _builder_arguments(spec: Any, training: dict[str, Any]) -> dict[str, Any]:
+    """The builder arguments of the (unpruned) network: ``[builder]`` or, once pruned,
+    the ``builder_*`` keys of ``[training]``."""
+    if spec.builder:
+        return dict(spec.builder)
+    prefix = "builder_"
+    return {k.removeprefix(prefix): v for k, v in training.items() if k.startswith(prefix)}
+
+
 def _member_commands(folder: Path, spec: Any, training: dict[str, Any]) -> list[str]:
     """The commands that made this member (training, then pruning when it was pruned)."""
     name = folder.name.removesuffix("-full")
     full = f"build/{name}-full"
-    builder = spec.builder
+    builder = _builder_arguments(spec, training)
     commands = [
         f"python3 -m dicomnode.cli train member --architecture {spec.architecture} "
         f"--width-multiplier {builder.get('width_multiplier')} "
@@ -456,6 +470,8 @@ def _member_commands(folder: Path, spec: Any, training: dict[str, Any]) -> list[
             f"python3 -m dicomnode.cli prune {full} --out models/{name} "
             f"--step {record['step']} --max {record['max_fraction']} "
             f"--tolerance {record['tolerance']} --fine-tune-epochs {record['fine_tune_epochs']}"
+            + (f" --learning-rate {record['learning_rate']}" if "learning_rate" in record else "")
+            + (f" --seed {record['seed']}" if "seed" in record else "")
         )
     commands.append(f"python3 -m dicomnode.cli evaluate {folder.parent.name}/{folder.name}")
     return commands
@@ -596,6 +612,9 @@ def prune_member(args: argparse.Namespace) -> Path:
         ensemble_weight=spec.ensemble_weight,
         training={
             **training,
+            # The builder arguments describe the unpruned network; the pruned one has fewer
+            # channels, so they move to [training] (format "keras" needs no builder).
+            **{f"builder_{k}": v for k, v in spec.builder.items()},
             "pruned_from": source.name,
             "pruning_step": result.best_step,
             "pruning_channels_removed": round(best.channels_removed_fraction, 4),
@@ -611,6 +630,8 @@ def prune_member(args: argparse.Namespace) -> Path:
         "max_fraction": args.max_fraction,
         "tolerance": args.tolerance,
         "fine_tune_epochs": args.fine_tune_epochs,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
         "rule": rule,
         "ranking": "global",
         "best_step": result.best_step,
