@@ -82,23 +82,45 @@ def test_members_match_their_cards(measured: dict[str, Any]) -> None:
 def test_the_ensemble_beats_its_best_member_on_held_out_patients(
     measured: dict[str, Any],
 ) -> None:
+    """The recommended strategy (the card's, chosen on validation) on the test patients."""
     p_test, y_test = measured["test"]
-    weights = [measured["specs"][n].ensemble_weight for n in MEMBERS]
-    ensemble = macro_auc(y_test, combine(p_test, "weighted", weights))
-    members = [macro_auc(y_test, p) for p in p_test]
-    assert ensemble >= 0.85
-    assert ensemble >= max(members)
     card = _metrics(STACKING)
-    assert abs(ensemble - card["ensembles"]["weighted"]["macro_auc"]) <= TOLERANCE
+    strategy = card["recommended_strategy"]
     meta = measured["meta"]
-    stacked = combine(
-        p_test,
-        "stacking",
-        meta=lambda x: np.asarray(meta.predict(x, verbose=0)),
+    weights = [measured["specs"][n].ensemble_weight for n in MEMBERS]
+
+    def ensemble(chosen: str) -> np.ndarray:
+        return combine(
+            p_test,
+            chosen,
+            weights=weights if chosen == "weighted" else None,
+            meta=(lambda x: np.asarray(meta.predict(x, verbose=0)))
+            if chosen == "stacking"
+            else None,
+        )
+
+    auc = macro_auc(y_test, ensemble(strategy))
+    members = [macro_auc(y_test, p) for p in p_test]
+    assert auc >= 0.85, f"{strategy} ensemble macro AUC {auc:.4f}"
+    assert auc >= max(members), f"{strategy} {auc:.4f} < best member {max(members):.4f}"
+    for other in ("weighted", "mean", "vote", "stacking"):
+        stated = card["ensembles"][other]["macro_auc"]
+        assert abs(macro_auc(y_test, ensemble(other)) - stated) <= TOLERANCE, other
+
+
+def test_the_default_configuration_uses_the_recommended_strategy() -> None:
+    """config.toml's [cxr] is the node's default: it must run the ensemble the card measured."""
+    import tomllib
+
+    config = tomllib.loads((MODELS.parent / "config.toml").read_text(encoding="utf-8"))["cxr"]
+    recommended = _metrics(STACKING)["recommended_strategy"]
+    assert tuple(config["members"]) == MEMBERS
+    assert config["strategy"] == recommended, (
+        f"config.toml [cxr] strategy is {config['strategy']!r}; the ensemble card measured and "
+        f"recommends {recommended!r}"
     )
-    assert abs(macro_auc(y_test, stacked) - card["ensembles"]["stacking"]["macro_auc"]) <= (
-        TOLERANCE
-    )
+    if recommended == "stacking":
+        assert config["stacking"] == STACKING
 
 
 def test_pruning_shrinks_a_member_by_a_fifth_at_no_real_cost(measured: dict[str, Any]) -> None:
