@@ -24,7 +24,6 @@ import argparse
 import itertools
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -579,7 +578,6 @@ def prune_member(args: argparse.Namespace) -> Path:
     def evaluate(candidate: Any) -> float:
         return _validation_metrics(y_val, predict(candidate, val_input))["val_macro_auc"]
 
-    started = time.monotonic()
     result = iterative_prune(
         model,
         val_input,
@@ -591,7 +589,6 @@ def prune_member(args: argparse.Namespace) -> Path:
         work_dir=work,
         progress=print if not args.no_progress else None,
     )
-    seconds = round(time.monotonic() - started, 1)
     print(result.table())
     best = result.best
     rule = (
@@ -621,7 +618,6 @@ def prune_member(args: argparse.Namespace) -> Path:
             "pruning_step": result.best_step,
             "pruning_channels_removed": round(best.channels_removed_fraction, 4),
             "pruning_parameter_reduction": round(best.parameter_reduction, 4),
-            "pruning_seconds": seconds,
         },
         description=f"{MEMBER_ARCHITECTURES[spec.architecture]} member of the CXR ensemble, "
         f"APoZ-pruned ({best.parameter_reduction:.1%} fewer parameters). "
@@ -637,7 +633,6 @@ def prune_member(args: argparse.Namespace) -> Path:
         "rule": rule,
         "ranking": "global",
         "best_step": result.best_step,
-        "seconds": seconds,
         "steps": [
             {k: v for k, v in vars(row).items() if k != "channels_per_layer"}
             for row in result.steps
