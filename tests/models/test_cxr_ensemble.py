@@ -140,7 +140,7 @@ def test_pruning_shrinks_a_member_by_a_fifth_at_no_real_cost(measured: dict[str,
     assert reductions, "no member is pruned by >= 20 % within 0.02 validation AUC"
 
 
-@pytest.mark.parametrize("strategy", ["weighted", "stacking"])
+@pytest.mark.parametrize("strategy", ["mean", "weighted", "stacking"])
 def test_the_shipped_ensemble_runs_in_the_node_pipeline(strategy: str) -> None:
     """The node's default [cxr] models (plus the stacking model) analyse a real chest file."""
     from dataclasses import replace
