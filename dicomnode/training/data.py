@@ -224,6 +224,32 @@ class Augmentation:
         return out, out_mask
 
 
+@dataclass(frozen=True)
+class IntensityJitter:
+    """Random grey-level changes of a ``uint8`` image: gamma, contrast, brightness.
+
+    ``gamma``: the exponent is ``exp(uniform(-gamma, gamma))``; ``contrast``: values are
+    scaled about the image mean by ``uniform(1 - contrast, 1 + contrast)``;
+    ``brightness``: ``uniform(-brightness, brightness)`` grey levels are added. It
+    teaches a model that windowing and exposure, which differ between sources, carry
+    no label.
+    """
+
+    gamma: float = 0.4
+    contrast: float = 0.3
+    brightness: float = 25.0
+
+    def apply(self, rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+        """The jittered image, ``uint8``, same shape."""
+        exponent = math.exp(rng.uniform(-self.gamma, self.gamma))
+        factor = rng.uniform(1 - self.contrast, 1 + self.contrast)
+        shift = rng.uniform(-self.brightness, self.brightness)
+        values = 255.0 * (image.astype(np.float64) / 255.0) ** exponent
+        mean = float(values.mean())
+        values = (values - mean) * factor + mean + shift
+        return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
 #: Seed 000's U-Net augmentation (``data_gen_args``).
 SEED000_AUGMENTATION = Augmentation()
 
@@ -252,6 +278,7 @@ __all__ = [
     "SEED000_AUGMENTATION",
     "SPLITS",
     "Augmentation",
+    "IntensityJitter",
     "assert_group_disjoint",
     "batches",
     "epoch_rng",

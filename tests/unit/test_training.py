@@ -165,6 +165,14 @@ def test_augmentation_moves_image_and_mask_together() -> None:
         again, _ = aug.apply(np.random.default_rng(draw), image, mask)
         assert np.array_equal(out, again)
     assert same == 0
+    jitter = tdata.IntensityJitter()
+    grey = (image // 2 + 60).astype(np.uint8)  # 60 and 187: room to move both ways
+    jittered = jitter.apply(np.random.default_rng(1), grey)
+    assert jittered.dtype == np.uint8 and jittered.shape == image.shape
+    assert not np.array_equal(jittered, grey)
+    assert np.array_equal(jittered, jitter.apply(np.random.default_rng(1), grey))
+    # Order of grey levels is kept: the bright square stays brighter than the background.
+    assert jittered[30, 20] > jittered[5, 5]
 
 
 # --- loop: resume --------------------------------------------------------------------
