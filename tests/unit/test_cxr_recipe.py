@@ -55,3 +55,19 @@ def test_set_ensemble_weight_replaces_or_adds_the_table(tmp_path: Path) -> None:
     set_ensemble_weight(manifest, 0.15)
     spec = read_manifest(manifest)
     assert spec.ensemble_weight == 0.15 and spec.class_names == ["a", "b"]
+
+
+def test_the_concatenated_meta_learner_equals_the_three_input_one() -> None:
+    """``stacking_meta(concatenated=True)`` is the seed's meta-learner on one input, the
+    members' outputs concatenated as the node's ensemble passes them."""
+    from dicomnode.nets import stacking_meta
+
+    split = stacking_meta(3, 3)
+    joined = stacking_meta(3, 3, concatenated=True)
+    assert joined.input_shape == (None, 9)
+    for name in ("meta_hidden", "meta_predictions"):
+        joined.get_layer(name).set_weights(split.get_layer(name).get_weights())
+    p = np.random.default_rng(0).dirichlet(np.ones(3), size=(3, 5)).astype(np.float32)
+    expected = split.predict([p[0], p[1], p[2]], verbose=0)
+    actual = joined.predict(np.concatenate(list(p), axis=1), verbose=0)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
