@@ -778,6 +778,13 @@ def train_stacking(args: argparse.Namespace) -> Path:
     from dicomnode.training.loop import FitSettings, fit
 
     members = [Path(m) for m in args.members]
+    out = Path(args.out)
+    strays = [str(m) for m in members if m.resolve().parent != out.resolve().parent]
+    if strays:
+        raise TrainingError(
+            f"members must be folders beside --out {str(out)!r} (the node finds them by name "
+            f"in one models folder); these are not: {strays}"
+        )
     first = read_manifest(members[0] / MANIFEST_FILE)
     data = _data(args.data, first.input_size[0])
     specs, predictions = _member_predictions(members, data)
@@ -840,7 +847,6 @@ def train_stacking(args: argparse.Namespace) -> Path:
             },
         ),
     )
-    out = Path(args.out)
     builder = {
         "n_members": n_members,
         "n_classes": n_classes,
