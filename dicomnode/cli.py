@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Commands that need no node configuration (they work on models and data only).
-TRAINING_COMMANDS = ("train", "evaluate")
+TRAINING_COMMANDS = ("train", "evaluate", "prune")
 
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -105,6 +105,13 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         metavar="DIR",
         help=f"data root (default: {DEFAULT_DATA_DIR})",
     )
+    from dicomnode.training.recipes.cxr import add_prune_arguments
+
+    prune = sub.add_parser(
+        "prune",
+        help="APoZ iterative pruning of a CXR ensemble member (see docs/training.md)",
+    )
+    add_prune_arguments(prune)
 
 
 def _cmd_training(args: argparse.Namespace) -> int:
@@ -116,6 +123,11 @@ def _cmd_training(args: argparse.Namespace) -> int:
     if args.command == "train":
         out = get_target(args.target).train(args)
         print(f"model written to {out}")
+        return EXIT_OK
+    if args.command == "prune":
+        from dicomnode.training.recipes.cxr import prune_member
+
+        print(f"model written to {prune_member(args)}")
         return EXIT_OK
     metrics = evaluate_model(args.model_dir, args.data)
     print(json.dumps(metrics, indent=2, sort_keys=True, default=str))

@@ -255,7 +255,10 @@ def inceptionv3_classifier(
 
 
 def stacking_meta(
-    n_members: int = 3, n_classes: int = 3, hidden_units: int | None = None
+    n_members: int = 3,
+    n_classes: int = 3,
+    hidden_units: int | None = None,
+    concatenated: bool = False,
 ) -> keras.Model:
     """The seed's stacking meta-learner on the members' class probabilities.
 
@@ -263,17 +266,27 @@ def stacking_meta(
     ``member{i}_probabilities`` (i from 1), concatenated, then ``Dense(hidden_units,
     relu)`` and ``Dense(n_classes, softmax)``. ``hidden_units`` defaults to
     ``n_members * n_classes`` (9 for the seed's three members and three classes).
+    With ``concatenated=True`` the model takes the members' outputs already
+    concatenated, one input ``member_probabilities`` of shape ``(n_members * n_classes,)``
+    (member 1's classes first), as the node's ensemble passes them
+    (:func:`dicomnode.inference.geometry.combine`); the layers are the same.
     Grad-CAM: none. Model name: ``stacking_meta``.
     """
     check_positive("n_members", n_members)
     check_positive("n_classes", n_classes)
     units = n_members * n_classes if hidden_units is None else hidden_units
     check_positive("hidden_units", units)
-    inputs = [
-        keras.Input(shape=(n_classes,), name=f"member{index}_probabilities")
-        for index in range(1, n_members + 1)
-    ]
-    x = inputs[0] if n_members == 1 else layers.Concatenate(name="members_concat")(inputs)
+    if concatenated:
+        inputs: keras.KerasTensor | list[keras.KerasTensor] = keras.Input(
+            shape=(n_members * n_classes,), name="member_probabilities"
+        )
+        x = inputs
+    else:
+        inputs = [
+            keras.Input(shape=(n_classes,), name=f"member{index}_probabilities")
+            for index in range(1, n_members + 1)
+        ]
+        x = inputs[0] if n_members == 1 else layers.Concatenate(name="members_concat")(inputs)
     x = layers.Dense(units, activation="relu", name="meta_hidden")(x)
     outputs = layers.Dense(
         n_classes, activation="softmax", name="meta_predictions", dtype="float32"

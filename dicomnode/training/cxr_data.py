@@ -1,0 +1,315 @@
+"""The three-class chest X-ray set of the classifier ensemble, split by patient.
+
+Classes, in the members' output order, with the codes the manifests carry:
+
+====  ===========  ==========================================  =====================
+index name         images mapped to it                         code (SCT)
+====  ===========  ==========================================  =====================
+0     pneumonia    ieee8023 ``bacterial`` and ``viral_non_covid``;  233604007 Pneumonia
+                   3-class set ``Viral Pneumonia``
+1     covid19      ieee8023 ``covid19``; 3-class set ``Covid``   840539006 COVID-19
+2     normal       ieee8023 ``normal`` (No Finding);            17621005 Normal
+                   3-class set ``Normal``
+====  ===========  ==========================================  =====================
+
+(The seed's published models use ``bacterial, covid19, normal``; this set has too few
+bacterial images for a class of their own, so class 0 is every pneumonia other than
+COVID-19.)
+
+Sources, under ``<data>/cxr_classification/`` (read at training time, never copied):
+``ieee8023_covid_chestxray_subset`` (``labels.csv`` with ``patientid``) and
+``covid19_image_dataset_3class_640px`` (``labels.csv``, no patient IDs).
+
+Splits are by **group**, never by image. A group is an ieee8023 patient; a 3-class image
+has no patient ID and is its own group. The 3-class set's COVID images come from the
+same upstream collection as ieee8023 (resized to 640 x 640), and both sets hold a few
+copies of one image under different names, so before splitting, near-duplicates are
+found across *both* sources: every image is reduced to a 32 x 32 grey thumbnail
+(area-averaged, so the squeeze to 640 x 640 does not matter), z-scored, and two images
+whose thumbnails correlate at :data:`DUPLICATE_CORRELATION` or more are the same picture
+(on this data the duplicates correlate at 0.97 or more and the closest distinct images
+at 0.944). Duplicates are merged by union-find; of each set one image is kept (the
+ieee8023 original when there is one: it has the upstream metadata and full resolution,
+else the first path), and the groups of all its copies become one group, so no picture
+can appear in two splits under different names. The 3-class set labels some ieee8023
+SARS, Streptococcus and "No Finding" images "Covid"; dropping the copy keeps the
+ieee8023 label. Groups are assigned to train/val/test by
+:func:`dicomnode.training.data.split_groups` (SHA-256 rank of the group key), stratified
+by source and class.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomnode.training import TrainingError
+from dicomnode.training.data import (
+    SPLITS,
+    assert_group_disjoint,
+    read_grey,
+    resize,
+    split_counts,
+    split_groups,
+)
+from dicomnode.training.export import ClassCode
+
+#: The members' classes in output order, with their SNOMED CT codes.
+CXR_CLASSES: tuple[ClassCode, ...] = (
+    ClassCode("pneumonia", "233604007", "SCT", "Pneumonia"),
+    ClassCode("covid19", "840539006", "SCT", "COVID-19"),
+    ClassCode("normal", "17621005", "SCT", "Normal"),
+)
+CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in CXR_CLASSES)
+
+#: Folder of the two sources under the data root.
+CXR_DIR = "cxr_classification"
+IEEE_DIR = "ieee8023_covid_chestxray_subset"
+THREE_CLASS_DIR = "covid19_image_dataset_3class_640px"
+
+#: Source label -> class name, per source.
+IEEE_LABELS = {
+    "bacterial": "pneumonia",
+    "viral_non_covid": "pneumonia",
+    "covid19": "covid19",
+    "normal": "normal",
+}
+THREE_CLASS_LABELS = {"viral_pneumonia": "pneumonia", "covid19": "covid19", "normal": "normal"}
+
+#: Thumbnail side and correlation at or above which two images are the same picture.
+THUMBNAIL_SIZE = 32
+DUPLICATE_CORRELATION = 0.96
+#: Default split fractions (train, val, test) of groups and the split salt.
+CXR_FRACTIONS = (0.6, 0.2, 0.2)
+CXR_SALT = "cxr-3class-v1"
+
+
+@dataclass
+class CXRImage:
+    """One image of the set: where it is, what it shows, its group and split."""
+
+    path: Path
+    source: str
+    source_label: str
+    label: int
+    group: str
+    split: str = ""
+
+
+@dataclass
+class CXRSet:
+    """The kept images (with their ``size`` x ``size`` grey pixels) and the split record."""
+
+    images: list[CXRImage]
+    pixels: np.ndarray
+    """``(n, size, size)`` uint8, the whole image resized (area) to the model's input."""
+    duplicates_dropped: int = 0
+    label_conflicts: int = 0
+    merged_groups: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixels, labels)`` of split ``name`` (``train``, ``val`` or ``test``)."""
+        if name not in SPLITS:
+            raise TrainingError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        index = [i for i, image in enumerate(self.images) if image.split == name]
+        labels = np.array([self.images[i].label for i in index], dtype=np.int64)
+        return self.pixels[index], labels
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class, for the model card."""
+        table: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            labels = [image.label for image in self.images if image.split == split]
+            table[split] = {name: labels.count(i) for i, name in enumerate(CLASS_NAMES)}
+        return table
+
+    def describe(self) -> str:
+        """The split, class counts and de-duplication as Markdown for the model card."""
+        classes = self.class_counts()
+        lines = [
+            "| split | groups | images | " + " | ".join(CLASS_NAMES) + " |",
+            "|---|---:|---:|" + "---:|" * len(CLASS_NAMES),
+        ]
+        for split in SPLITS:
+            row = self.counts[split]
+            per_class = " | ".join(str(classes[split][name]) for name in CLASS_NAMES)
+            lines.append(f"| {split} | {row['groups']} | {row['images']} | {per_class} |")
+        lines.append("")
+        lines.append(
+            f"Near-duplicates (32 x 32 thumbnail correlation >= {DUPLICATE_CORRELATION}) "
+            f"across both sources: {self.duplicates_dropped} copies dropped, "
+            f"{self.label_conflicts} of them labelled differently from the kept image, "
+            f"{self.merged_groups} group merges; splits are by merged group "
+            f"(salt `{CXR_SALT}`, SHA-256 rank, stratified by source and class)."
+        )
+        return "\n".join(lines)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise TrainingError(f"labels file not found: {str(path)!r}")
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _source_images(root: Path) -> list[CXRImage]:
+    images = []
+    ieee = root / IEEE_DIR
+    for row in _read_rows(ieee / "labels.csv"):
+        label = row["label"]
+        if label not in IEEE_LABELS:
+            raise TrainingError(f"{IEEE_DIR}/labels.csv: unknown label {label!r}")
+        images.append(
+            CXRImage(
+                path=ieee / "images" / row["filename"],
+                source="ieee8023",
+                source_label=label,
+                label=CLASS_NAMES.index(IEEE_LABELS[label]),
+                group=f"ieee8023:{row['patientid']}",
+            )
+        )
+    three = root / THREE_CLASS_DIR
+    for row in _read_rows(three / "labels.csv"):
+        label = row["label"]
+        if label not in THREE_CLASS_LABELS:
+            raise TrainingError(f"{THREE_CLASS_DIR}/labels.csv: unknown label {label!r}")
+        images.append(
+            CXRImage(
+                path=three / row["path"],
+                source="3class",
+                source_label=label,
+                label=CLASS_NAMES.index(THREE_CLASS_LABELS[label]),
+                group=f"3class:{row['path']}",
+            )
+        )
+    return images
+
+
+def thumbnail(grey: np.ndarray) -> np.ndarray:
+    """The z-scored ``THUMBNAIL_SIZE`` square thumbnail used to find near-duplicates."""
+    small = resize(grey, THUMBNAIL_SIZE).astype(np.float64).ravel()
+    return (small - small.mean()) / (small.std() + 1e-6)
+
+
+class _UnionFind:
+    """Disjoint sets of hashable items; ``union(a, b)`` keeps ``a``'s root as the root."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Any, Any] = {}
+
+    def find(self, item: Any) -> Any:
+        """The root of ``item``'s set."""
+        self.parent.setdefault(item, item)
+        while self.parent[item] != item:
+            self.parent[item] = self.parent[self.parent[item]]
+            item = self.parent[item]
+        return item
+
+    def union(self, a: Any, b: Any) -> bool:
+        """Join ``b``'s set into ``a``'s; True when they were apart."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        self.parent[rb] = ra
+        return True
+
+
+def duplicate_sets(thumbnails: np.ndarray, threshold: float = DUPLICATE_CORRELATION) -> list[int]:
+    """Union-find over thumbnail correlation: the root index of each image's duplicate set."""
+    sets = _UnionFind()
+    correlation = thumbnails @ thumbnails.T / thumbnails.shape[1]
+    for i, j in zip(*np.nonzero(np.triu(correlation >= threshold, k=1)), strict=True):
+        low, high = sorted((sets.find(int(i)), sets.find(int(j))))
+        sets.union(low, high)  # the lowest index is each set's root
+    return [sets.find(i) for i in range(len(thumbnails))]
+
+
+def load_cxr_set(
+    data_dir: Path,
+    size: int,
+    fractions: Sequence[float] = CXR_FRACTIONS,
+    salt: str = CXR_SALT,
+) -> CXRSet:
+    """Read both sources, merge near-duplicates, split by group; pixels at ``size``."""
+    root = Path(data_dir) / CXR_DIR
+    if not root.is_dir():
+        raise TrainingError(
+            f"CXR classification data not found: {str(root)!r} (give the data root with --data)"
+        )
+    images = _source_images(root)
+    pixels, thumbs = [], []
+    for image in images:
+        grey = read_grey(image.path)
+        thumbs.append(thumbnail(grey))
+        pixels.append(resize(grey, size))
+    members: dict[int, list[int]] = {}
+    for index, root_index in enumerate(duplicate_sets(np.stack(thumbs))):
+        members.setdefault(root_index, []).append(index)
+    groups = _UnionFind()
+    keep: list[int] = []
+    dropped = conflicts = merged = 0
+    for indices in members.values():
+        # The ieee8023 original first (metadata, full resolution), then by path.
+        ordered = sorted(
+            indices, key=lambda i: (images[i].source != "ieee8023", str(images[i].path))
+        )
+        kept = ordered[0]
+        keep.append(kept)
+        dropped += len(ordered) - 1
+        conflicts += sum(images[i].label != images[kept].label for i in ordered[1:])
+        for i in ordered[1:]:
+            joined = groups.union(images[kept].group, images[i].group)
+            # Only patient groups count: a dropped 3-class copy's own group just vanishes.
+            merged += joined and images[i].source == images[kept].source == "ieee8023"
+    keep.sort()
+    kept_images = [images[i] for i in keep]
+    for image in kept_images:
+        image.group = groups.find(image.group)
+    strata: dict[str, tuple[str, int]] = {}
+    for image in kept_images:
+        strata.setdefault(image.group, (image.source, image.label))
+    assignment = split_groups(strata.keys(), salt, fractions, strata)
+    for image in kept_images:
+        image.split = assignment[image.group]
+    group_keys = [image.group for image in kept_images]
+    splits = [image.split for image in kept_images]
+    assert_group_disjoint(group_keys, splits)
+    return CXRSet(
+        images=kept_images,
+        pixels=np.stack([pixels[i] for i in keep]),
+        duplicates_dropped=dropped,
+        label_conflicts=conflicts,
+        merged_groups=merged,
+        counts=split_counts(splits, group_keys),
+    )
+
+
+def to_model_input(pixels: np.ndarray, channels: int = 3, scale: float = 1 / 255) -> np.ndarray:
+    """Grey ``uint8`` images ``(n, h, w)`` -> float32 ``(n, h, w, channels)`` times ``scale``.
+
+    The node does the same to its lung crops (grey repeated, scaled by the manifest's
+    ``scale``, 1/255 as the seed).
+    """
+    values = pixels.astype(np.float32)[..., None] * np.float32(scale)
+    return np.repeat(values, channels, axis=-1)
+
+
+__all__ = [
+    "CLASS_NAMES",
+    "CXR_CLASSES",
+    "CXR_FRACTIONS",
+    "CXR_SALT",
+    "DUPLICATE_CORRELATION",
+    "CXRImage",
+    "CXRSet",
+    "duplicate_sets",
+    "load_cxr_set",
+    "thumbnail",
+    "to_model_input",
+]

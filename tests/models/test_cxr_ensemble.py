@@ -1,0 +1,184 @@
+"""The shipped CXR ensemble, re-measured on the held-out test patients of ../shared/data.
+
+Checks: every member and the stacking model load with matching checksums; the weighted
+ensemble (the default strategy) reaches macro ROC AUC >= 0.85 and at least its best
+member; one member is pruned by >= 20 % of its parameters while its validation AUC stays
+within 0.02 of the unpruned model; and the numbers in the cards' ``metrics.json`` are the
+ones measured here (within 0.005).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from support import shared_data
+
+from dicomnode.inference.geometry import combine
+from dicomnode.inference.registry import load_model, read_manifest, sha256_of
+from dicomnode.training.cxr_data import load_cxr_set, to_model_input
+from dicomnode.training.export import training_table
+from dicomnode.training.metrics import macro_auc
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+MEMBERS = ("cxr-vgg16", "cxr-vgg19", "cxr-inceptionv3")
+STACKING = "cxr-stacking"
+TOLERANCE = 0.005
+
+
+def _metrics(name: str) -> dict[str, Any]:
+    return json.loads((MODELS / name / "metrics.json").read_text(encoding="utf-8"))["metrics"]
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[str, Any]:
+    """Members' and ensembles' test probabilities, and members' validation AUC."""
+    data_root = shared_data("cxr_classification").parent
+    specs = {name: read_manifest(MODELS / name / "manifest.toml") for name in MEMBERS}
+    models = {name: load_model(spec) for name, spec in specs.items()}  # checks sha256
+    first = specs[MEMBERS[0]]
+    training = training_table(first.manifest)  # type: ignore[arg-type]
+    data = load_cxr_set(
+        data_root,
+        first.input_size[0],
+        fractions=tuple(training["split_fractions"]),
+        salt=training["split_salt"],
+    )
+    out: dict[str, Any] = {"specs": specs, "val_auc": {}}
+    for split in ("val", "test"):
+        pixels, labels = data.split(split)
+        x = to_model_input(pixels, first.channels, first.scale)
+        probabilities = np.stack(
+            [np.asarray(models[n].predict(x, batch_size=16, verbose=0)) for n in MEMBERS]
+        )
+        out[split] = (probabilities, labels)
+    p_val, y_val = out["val"]
+    out["val_auc"] = {n: macro_auc(y_val, p) for n, p in zip(MEMBERS, p_val, strict=True)}
+    stacking_spec = read_manifest(MODELS / STACKING / "manifest.toml")
+    out["meta"] = load_model(stacking_spec)
+    return out
+
+
+def test_shipped_weights_match_their_manifests() -> None:
+    for name in (*MEMBERS, STACKING):
+        spec = read_manifest(MODELS / name / "manifest.toml")
+        assert sha256_of(spec.weights) == spec.sha256, name
+        assert [c.name for c in spec.classes] == ["pneumonia", "covid19", "normal"]
+        if name != STACKING:
+            assert spec.ensemble_weight is not None and spec.ensemble_weight >= 0
+
+
+def test_members_match_their_cards(measured: dict[str, Any]) -> None:
+    p_test, y_test = measured["test"]
+    for name, p in zip(MEMBERS, p_test, strict=True):
+        card = _metrics(name)
+        assert abs(macro_auc(y_test, p) - card["macro_auc"]) <= TOLERANCE, name
+        assert abs(measured["val_auc"][name] - card["val_macro_auc"]) <= TOLERANCE, name
+
+
+def test_the_ensemble_beats_its_best_member_on_held_out_patients(
+    measured: dict[str, Any],
+) -> None:
+    """The recommended strategy (the card's, chosen on validation) on the test patients."""
+    p_test, y_test = measured["test"]
+    card = _metrics(STACKING)
+    strategy = card["recommended_strategy"]
+    meta = measured["meta"]
+    weights = [measured["specs"][n].ensemble_weight for n in MEMBERS]
+
+    def ensemble(chosen: str) -> np.ndarray:
+        return combine(
+            p_test,
+            chosen,
+            weights=weights if chosen == "weighted" else None,
+            meta=(lambda x: np.asarray(meta.predict(x, verbose=0)))
+            if chosen == "stacking"
+            else None,
+        )
+
+    auc = macro_auc(y_test, ensemble(strategy))
+    members = [macro_auc(y_test, p) for p in p_test]
+    assert auc >= 0.85, f"{strategy} ensemble macro AUC {auc:.4f}"
+    assert auc >= max(members), f"{strategy} {auc:.4f} < best member {max(members):.4f}"
+    for other in ("weighted", "mean", "vote", "stacking"):
+        stated = card["ensembles"][other]["macro_auc"]
+        assert abs(macro_auc(y_test, ensemble(other)) - stated) <= TOLERANCE, other
+
+
+def test_the_default_configuration_uses_the_recommended_strategy() -> None:
+    """config.toml's [cxr] is the node's default: it must run the ensemble the card measured."""
+    import tomllib
+
+    config = tomllib.loads((MODELS.parent / "config.toml").read_text(encoding="utf-8"))["cxr"]
+    recommended = _metrics(STACKING)["recommended_strategy"]
+    assert tuple(config["members"]) == MEMBERS
+    assert config["strategy"] == recommended, (
+        f"config.toml [cxr] strategy is {config['strategy']!r}; the ensemble card measured and "
+        f"recommends {recommended!r}"
+    )
+    if recommended == "stacking":
+        assert config["stacking"] == STACKING
+
+
+def test_pruning_shrinks_a_member_by_a_fifth_at_no_real_cost(measured: dict[str, Any]) -> None:
+    reductions = []
+    for name in MEMBERS:
+        pruning = _metrics(name).get("pruning")
+        if not pruning:
+            continue
+        model = load_model(measured["specs"][name])
+        # The card's parameter count is the shipped model's.
+        assert model.count_params() == pruning["parameters"]
+        reduction = 1 - pruning["parameters"] / pruning["unpruned_parameters"]
+        assert abs(reduction - pruning["parameter_reduction"]) < 1e-6
+        drop = pruning["unpruned_val_macro_auc"] - measured["val_auc"][name]
+        if reduction >= 0.20 and drop <= 0.02:
+            reductions.append((name, reduction))
+    assert reductions, "no member is pruned by >= 20 % within 0.02 validation AUC"
+
+
+@pytest.mark.parametrize("strategy", ["mean", "weighted", "stacking"])
+def test_the_shipped_ensemble_runs_in_the_node_pipeline(strategy: str) -> None:
+    """The node's default [cxr] models (plus the stacking model) analyse a real chest file."""
+    from dataclasses import replace
+
+    from pydicom import dcmread
+
+    from dicomnode.config import CXRSettings, RoutingSettings
+    from dicomnode.pipelines.base import InstanceInput, StudyInput
+    from dicomnode.pipelines.cxr import CXRPipeline
+
+    path = shared_data(
+        "dicom_cxr", "chest", "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    )
+    ds = dcmread(path, stop_before_pixels=True)
+    study = StudyInput(
+        str(ds.StudyInstanceUID),
+        (
+            InstanceInput(
+                path=path,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                modality=ds.get("Modality"),
+                body_part_examined=ds.get("BodyPartExamined"),
+                view_position=ds.get("ViewPosition"),
+                image_type=None,
+                rows=int(ds.Rows),
+                columns=int(ds.Columns),
+            ),
+        ),
+    )
+    defaults = CXRSettings(models_dir=MODELS)
+    assert defaults.members == MEMBERS
+    settings = replace(defaults, strategy=strategy, stacking=STACKING)
+    pipeline = CXRPipeline(settings, RoutingSettings())
+    pipeline.load()  # verifies every checksum
+    [image] = pipeline.analyse(study).images
+    assert list(image.probabilities) == ["pneumonia", "covid19", "normal"]
+    assert sum(image.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert set(image.member_probabilities) == set(MEMBERS)
+    assert image.heatmap is not None and image.explained_class == "covid19"
