@@ -247,6 +247,30 @@ def write_config(folder: Path, port: int, **sections: dict[str, Any]) -> Path:
     return path
 
 
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """Write a configuration held as ``tomllib`` reads it: tables, arrays of tables
+    (lists of dicts) and, inside a table, nested tables as inline tables."""
+    lines: list[str] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for name, value in data.items():
+        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            arrays.append((name, value))
+            continue
+        lines.append(f"[{name}]")
+        for key, item in value.items():
+            if isinstance(item, list) and item and all(isinstance(v, dict) for v in item):
+                arrays.append((f"{name}.{key}", item))
+            else:
+                lines.append(f"{key} = {_toml(item)}")
+        lines.append("")
+    for name, tables in arrays:
+        for table in tables:
+            lines += [f"[[{name}]]"] + [f"{k} = {_toml(v)}" for k, v in table.items()] + [""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
 def is_complete(study: dict[str, Any]) -> bool:
     """Whether ``status --json`` shows the study past its quiet period (complete or later)."""
     return study["state"] != "receiving" and study["completed_at"] is not None
