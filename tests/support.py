@@ -569,12 +569,37 @@ class OrthancServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
             return json.loads(r.read())
 
+    def download(self, instance_id: str, target: Path | None = None) -> Path:
+        """The Part 10 file of one instance Orthanc holds, saved to ``target``
+        (default: ``<workdir>/<instance_id>.dcm``)."""
+        import urllib.request
+
+        target = target or self.workdir / f"{instance_id}.dcm"
+        url = f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            target.write_bytes(response.read())
+        return target
+
     def sop_instance_uids(self) -> list[str]:
         """SOP Instance UIDs of everything Orthanc holds."""
         return [
             self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
             for i in self.get("/instances")
         ]
+
+
+def dciodvfy(path: Path) -> tuple[list[str], str]:
+    """dicom3tools' ``dciodvfy`` on ``path``: its ``Error`` lines and its whole output.
+
+    Skips the calling test when dciodvfy is not installed."""
+    import pytest
+
+    program = Path("/usr/bin/dciodvfy")
+    if not program.exists():
+        pytest.skip("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
+    run = subprocess.run([str(program), str(path)], capture_output=True, text=True, timeout=60)
+    output = run.stderr + run.stdout
+    return [line for line in output.splitlines() if line.startswith("Error")], output
 
 
 def _openssl(*args: str, cwd: Path) -> None:

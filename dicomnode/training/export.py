@@ -174,6 +174,24 @@ def training_table(manifest: Path) -> dict[str, Any]:
     return dict(table) if isinstance(table, dict) else {}
 
 
+def training_record(model_dir: Path, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a card states about how ``model_dir`` was trained.
+
+    The manifest's ``[training]`` table, overlaid with ``training`` when given (a fresh
+    training run), else with the ``training`` record of the existing ``metrics.json`` (a
+    re-evaluation keeps what the training run recorded).
+    """
+    from dicomnode.training.card import read_metrics
+
+    model_dir = Path(model_dir)
+    if training is None:
+        try:
+            training = dict(read_metrics(model_dir).get("training", {}))
+        except (OSError, ValueError):
+            training = {}
+    return {**training_table(model_dir / MANIFEST_FILE), **training}
+
+
 __all__ = [
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
@@ -181,6 +199,7 @@ __all__ = [
     "device_uid",
     "export_model",
     "inference_copy",
+    "training_record",
     "training_table",
     "verify_export",
 ]

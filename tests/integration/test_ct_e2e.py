@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from support import (
     OrthancServer,
+    dciodvfy,
     dcmtk,
     dicom_files,
     running_node,
@@ -32,20 +32,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SINGLES = ("dicom_ct", "tcia_covid19_ny_sbu_single_slices")
-
-
-def _download(orthanc: OrthancServer, instance_id: str, target: Path) -> Path:
-    url = f"http://127.0.0.1:{orthanc.http_port}/instances/{instance_id}/file"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        target.write_bytes(response.read())
-    return target
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    if not Path("/usr/bin/dciodvfy").exists():
-        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
-    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
 def test_ct_study_comes_back_with_sr_and_scs_referencing_the_evidence(tmp_path: Path) -> None:
@@ -152,8 +138,8 @@ def test_ct_study_comes_back_with_sr_and_scs_referencing_the_evidence(tmp_path: 
         assert sorted(c for c, _ in ours) == sorted([SR_CLASS, SC_CLASS, SC_CLASS, SC_CLASS])
         sc_sources = []
         for kind, instance_id in ours:
-            path = _download(orthanc, instance_id, tmp_path / f"{instance_id}.dcm")
-            assert _dciodvfy_errors(path) == [], kind
+            path = orthanc.download(instance_id, tmp_path / f"{instance_id}.dcm")
+            assert dciodvfy(path)[0] == [], kind
             ds = dcmread(path)
             assert ds.StudyInstanceUID == study_uid
             if kind == SC_CLASS:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -104,11 +103,7 @@ def test_default_config_analyses_cxr_and_ct_with_the_shipped_models(tmp_path: Pa
             for obj in orthanc.get(f"/studies/{study_id}/instances"):
                 tags = orthanc.get(f"/instances/{obj['ID']}/simplified-tags")
                 if tags["SOPClassUID"] == SR_CLASS:
-                    url = f"http://127.0.0.1:{orthanc.http_port}/instances/{obj['ID']}/file"
-                    with urllib.request.urlopen(url, timeout=30) as response:
-                        path = tmp_path / f"{obj['ID']}.dcm"
-                        path.write_bytes(response.read())
-                    srs[tags["StudyInstanceUID"]] = path
+                    srs[tags["StudyInstanceUID"]] = orthanc.download(obj["ID"])
         orthanc.stop()
     # Every model the default configuration names was loaded from models/, checksum verified.
     cxr, ct = config["cxr"], config["ct"]

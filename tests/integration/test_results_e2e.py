@@ -5,32 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
-from support import OrthancServer, dcmtk, dicom_files, running_node, shared_data, storescu
+from support import (
+    OrthancServer,
+    dciodvfy,
+    dcmtk,
+    dicom_files,
+    running_node,
+    shared_data,
+    storescu,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-
-
-def _download(orthanc: OrthancServer, instance_id: str, target: Path) -> Path:
-    url = f"http://127.0.0.1:{orthanc.http_port}/instances/{instance_id}/file"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        target.write_bytes(response.read())
-    return target
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    if not Path("/usr/bin/dciodvfy").exists():
-        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
-    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
 def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> None:
@@ -72,10 +65,10 @@ def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> N
                 continue  # the source itself (sent by the test: the node does not forward it)
             by_class.setdefault(tags["SOPClassUID"], []).append(inst["ID"])
         assert len(by_class[SR_CLASS]) == 1 and len(by_class[SC_CLASS]) == 1
-        sr_path = _download(orthanc, by_class[SR_CLASS][0], tmp_path / "sr.dcm")
-        sc_path = _download(orthanc, by_class[SC_CLASS][0], tmp_path / "sc.dcm")
-        assert _dciodvfy_errors(sr_path) == []
-        assert _dciodvfy_errors(sc_path) == []
+        sr_path = orthanc.download(by_class[SR_CLASS][0], tmp_path / "sr.dcm")
+        sc_path = orthanc.download(by_class[SC_CLASS][0], tmp_path / "sc.dcm")
+        assert dciodvfy(sr_path)[0] == []
+        assert dciodvfy(sc_path)[0] == []
         dump = subprocess.run([dcmtk("dsrdump"), str(sr_path)], capture_output=True, text=True)
         assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
         sr = dcmread(sr_path)
@@ -190,10 +183,10 @@ def test_every_shared_chest_file_comes_back_with_its_findings(tmp_path: Path) ->
             images = summaries[uid]["images"]
             assert len(srs) == 1 and len(scs) == len(images)
             for o, t in zip(objects, tags, strict=True):  # every object the node produced
-                path = _download(orthanc, o["ID"], tmp_path / f"{t['SOPInstanceUID']}.dcm")
-                assert _dciodvfy_errors(path) == [], t["SOPClassUID"]
+                path = orthanc.download(o["ID"], tmp_path / f"{t['SOPInstanceUID']}.dcm")
+                assert dciodvfy(path)[0] == [], t["SOPClassUID"]
             sr_id = next(o["ID"] for o, t in zip(objects, tags, strict=True) if t in srs)
-            sr = dcmread(_download(orthanc, sr_id, tmp_path / f"{uid}.dcm"))
+            sr = dcmread(orthanc.download(sr_id, tmp_path / f"{uid}.dcm"))
             got = _ensemble_probabilities(sr)
             for name, p in images[0]["probabilities"].items():
                 assert got[codes[name]] == pytest.approx(p, abs=1e-4), (uid, name)

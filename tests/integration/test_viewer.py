@@ -26,7 +26,6 @@ import json
 import struct
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -164,11 +163,7 @@ def _orthanc_instances(
 
 
 def _download(orthanc: OrthancServer, instance_id: str) -> Dataset:
-    url = f"http://127.0.0.1:{orthanc.http_port}/instances/{instance_id}/file"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        target = orthanc.workdir / f"{instance_id}.dcm"
-        target.write_bytes(response.read())
-    return dcmread(target)
+    return dcmread(orthanc.download(instance_id))
 
 
 def _check_png(path: Path) -> None:

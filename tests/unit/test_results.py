@@ -23,6 +23,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from support import dciodvfy
 
 from dicomnode.imaging import to_uint8
 from dicomnode.inference.geometry import Box
@@ -39,7 +40,6 @@ SHARED_CXR = (
     / "chest"
     / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 )
-DCIODVFY = Path("/usr/bin/dciodvfy")
 DSRDUMP = Path("/usr/bin/dsrdump")
 
 CLASSES = [
@@ -240,14 +240,6 @@ def sc_files(case: Case, tmp_path_factory: pytest.TempPathFactory) -> list[Path]
 # --------------------------------------------------------------------------- helpers
 
 
-def _dciodvfy_errors(path: Path) -> tuple[list[str], str]:
-    if not DCIODVFY.exists():
-        pytest.skip("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
-    run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
-    output = run.stderr + run.stdout
-    return [line for line in output.splitlines() if line.startswith("Error")], output
-
-
 def _read_report(path: Path) -> tuple[hd.sr.Comprehensive3DSR, hd.sr.MeasurementReport]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -338,7 +330,7 @@ def test_sr_uids_repeat_for_the_same_inputs_and_change_with_a_model_version(case
 
 
 def test_sr_passes_dciodvfy(sr_file: Path) -> None:
-    errors, output = _dciodvfy_errors(sr_file)
+    errors, output = dciodvfy(sr_file)
     assert errors == [], output
     assert "Comprehensive3DSR" in output  # dciodvfy recognised the IOD
 
@@ -573,7 +565,7 @@ def test_sr_refuses_inputs_it_cannot_encode(case: Case) -> None:
 
 def test_sc_passes_dciodvfy(sc_files: list[Path]) -> None:
     for path in sc_files:
-        errors, output = _dciodvfy_errors(path)
+        errors, output = dciodvfy(path)
         assert errors == [], output
         assert "SCImage" in output
 

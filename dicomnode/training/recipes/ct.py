@@ -171,20 +171,14 @@ def evaluate(
         DataSource,
         ModelCard,
         binary_report,
-        read_metrics,
         write_card,
     )
-    from dicomnode.training.export import MANIFEST_FILE, training_table
+    from dicomnode.training.export import MANIFEST_FILE, training_record
 
     model_dir = Path(model_dir)
     spec = read_manifest(model_dir / MANIFEST_FILE)
     result = measure(model_dir, data_dir)
-    if training is None:
-        try:
-            training = dict(read_metrics(model_dir).get("training", {}))
-        except (OSError, ValueError):
-            training = {}
-    training = {**training_table(model_dir / MANIFEST_FILE), **training}
+    training = training_record(model_dir, training)
     report = binary_report(
         result["y"], result["scores"], result["threshold"], CLASS_NAMES, model_dir, "CT slice"
     )
