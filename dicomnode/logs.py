@@ -14,6 +14,18 @@ import sys
 _FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 
+class _ExpectedRetracing(logging.Filter):
+    """Drop TensorFlow's "triggered tf.function retracing" warning.
+
+    Keras builds one predict function per model, so warming up the five or six models of
+    a pipeline traces once per model: expected, not the repeated tracing the warning is
+    about. It would otherwise alarm admins at every start.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send log records to standard error in one plain format."""
     root = logging.getLogger()
@@ -27,3 +39,5 @@ def configure_logging(level: str = "INFO") -> None:
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for noisy in ("pynetdicom", "alembic", "apscheduler"):
         logging.getLogger(noisy).setLevel(quiet)
+    if level != "DEBUG":
+        logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())

@@ -1,0 +1,43 @@
+"""The node's log set-up: one format, noisy libraries quieted, expected TF noise dropped."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from dicomnode.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> object:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    tf = logging.getLogger("tensorflow")
+    filters = list(tf.filters)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    tf.filters[:] = filters
+
+
+def test_expected_retracing_warning_is_dropped_other_tf_warnings_kept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+    tf = logging.getLogger("tensorflow")
+    tf.warning("5 out of the last 5 calls to <function f> triggered tf.function retracing.")
+    tf.warning("something else went wrong")
+    logging.getLogger("pynetdicom").info("association accepted")
+    err = capsys.readouterr().err
+    assert "retracing" not in err
+    assert "WARNING" in err and "tensorflow: something else went wrong" in err
+    assert "association accepted" not in err
+
+
+def test_debug_keeps_everything(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("DEBUG")
+    logging.getLogger("tensorflow").warning("calls triggered tf.function retracing")
+    logging.getLogger("pynetdicom").debug("pdu bytes")
+    err = capsys.readouterr().err
+    assert "retracing" in err and "pdu bytes" in err
