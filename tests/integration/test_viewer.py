@@ -37,7 +37,14 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from support import REPO_ROOT, OrthancServer, running_node, shared_data, storescu
+from support import (
+    REPO_ROOT,
+    OrthancServer,
+    running_node,
+    shared_data,
+    storescu,
+    synthetic_ct_series,
+)
 from viewer import ohif
 from viewer.browser import BrowserError, chromium_binary, headless_chromium
 from viewer.server import ViewerServer, ohif_dist, serving
@@ -273,6 +280,98 @@ def test_sr_boxes_open_as_measurements_in_ohif(tmp_path: Path) -> None:
         assert distance <= TOLERANCE_PX, f"measurement {measurement} is no SR box{context}"
         unmatched.remove(nearest)
     assert not unmatched, f"SR boxes without a measurement: {unmatched}{context}"
+    _check_png(shot)
+
+
+@pytest.mark.timeout(300)
+def test_ct_sr_evidence_slices_open_in_ohif(tmp_path: Path) -> None:
+    """Node -> Orthanc -> OHIF for a chest CT: every region of the CT report (the lung region
+    of each evidence slice) shows on its slice, and hydrates into a measurement there."""
+    chromium, dist = _components()
+    pytest.importorskip("keras")
+    from fixture_models import ct_node_sections, write_ct_model
+
+    slices = shared_data("dicom_ct", "tcia_covid19_ny_sbu_single_slices")
+    series = synthetic_ct_series(
+        [slices / "A048383__axial__19010410-30.dcm", slices / "A002304__axial__19010112-135.dcm"],
+        tmp_path / "ct",
+        12,
+    )
+    study_uid = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    series_sops = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series}
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    orthanc.start()
+    try:
+        for run in storescu(series, orthanc.port, called_ae="ORTHANC"):
+            assert run.returncode == 0, run.stderr
+        models = write_ct_model(tmp_path / "models")
+        sections = ct_node_sections(models, orthanc.port, selection={"min_slices": 5})
+        with running_node(tmp_path / "node", **sections) as node:  # type: ignore[arg-type]
+            for run in storescu(series, node.port):
+                assert run.returncode == 0, run.stderr
+            deadline = time.monotonic() + 180
+            while node.status()["deliveries"]["delivered"] < 4 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            status = node.status()
+            assert status["deliveries"]["delivered"] == 4, status["undelivered"]  # SR + 3 SC
+        by_class = _orthanc_instances(orthanc, study_uid, source_sop="")
+        [sr_id] = by_class[SR_CLASS]
+        sr = _download(orthanc, sr_id)
+        boxes = _sr_boxes(sr)
+        assert boxes, "the CT report has no region on a slice"
+        assert {box.referenced_sop for box in boxes} <= series_sops
+
+        shot = ARTIFACTS / f"viewer-ct-{study_uid}.png"
+        shot.unlink(missing_ok=True)
+        with (
+            serving(dist, f"http://127.0.0.1:{orthanc.http_port}/dicom-web") as server,
+            headless_chromium(chromium, tmp_path / "chromium", width=WIDTH, height=HEIGHT) as page,
+        ):
+            try:
+                page.navigate(f"{server.url}/viewer?StudyInstanceUIDs={study_uid}")
+                ohif.wait_until_ready(page, timeout=60)
+                ohif.open_series(page, str(sr.SeriesDescription))
+                state = ohif.wait_for_sr(
+                    page, annotations=len(boxes), measurements=len(boxes), timeout=60
+                )
+                ohif.open_measurements_panel(page)
+                ohif.settle(page)
+            finally:
+                with contextlib.suppress(BrowserError, OSError):
+                    page.screenshot(shot)
+            page_errors = [
+                e for e in page.events if e.startswith("exception") or "Error Boundary" in e
+            ]
+            context = (
+                f"\nviewer state: {json.dumps(state, indent=1)}"
+                f"\npage events (tail): {json.dumps(page.events[-25:], indent=1)}"
+            )
+    finally:
+        orthanc.stop()
+    assert page_errors == [], f"the viewer raised errors: {page_errors}{context}"
+    annotations = {a["uid"]: a for a in state["annotations"]}
+    for box in boxes:
+        annotation = annotations.get(box.tracking_uid)
+        assert annotation is not None, f"{box.tracking_id} is not in the viewer{context}"
+        assert annotation["sop"] == box.referenced_sop, f"{box.tracking_id}: wrong slice{context}"
+        distance = _distance(annotation["polylines"][0], box)
+        assert distance <= TOLERANCE_PX, f"{box.tracking_id} is {distance} px off{context}"
+    measurements = state["measurements"]
+    assert len(measurements) == len(boxes), (
+        f"{len(measurements)} measurements for {len(boxes)} SR regions{context}"
+    )
+    unmatched = list(boxes)
+    for measurement in measurements:
+        # On its region's slice, at the region's coordinates (slices made from the same
+        # source image have the same region, so the slice decides).
+        matches = [
+            b
+            for b in unmatched
+            if b.referenced_sop == measurement["sop"]
+            and _bounds_distance(measurement["points"], b) <= TOLERANCE_PX
+        ]
+        assert matches, f"measurement {measurement} is no SR region on its slice{context}"
+        unmatched.remove(matches[0])
     _check_png(shot)
 
 

@@ -70,6 +70,19 @@ def wait_until_showing(browser: Browser, sop_instance_uid: str, timeout: float) 
     )
 
 
+def wait_until_ready(browser: Browser, timeout: float) -> None:
+    """Wait until OHIF is up and some viewport shows an image (any image)."""
+    browser.wait_for(
+        """(() => {
+            if (!window.services || !window.cornerstone) return false;
+            return window.cornerstone.getEnabledElements().some(e =>
+                e.viewport && e.viewport.getCurrentImageId && !!e.viewport.getCurrentImageId());
+        })()""",
+        timeout,
+        "OHIF to show an image",
+    )
+
+
 def series_thumbnail(series_description: str) -> str:
     """JavaScript for the study browser's thumbnail of the series with this description."""
     return f"""[...document.querySelectorAll('[data-cy^="study-browser-thumbnail"]')]
