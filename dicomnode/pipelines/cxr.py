@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,52 @@ def keep_largest(mask: np.ndarray, count: int = 2, min_fraction: float = 0.005) 
     floor = min_fraction * mask.size
     keep = [label for label in order if stats[label, cv2.CC_STAT_AREA] >= floor]
     return np.isin(labels, keep)
+
+
+#: Probability at or above which a U-Net pixel is lung.
+LUNG_THRESHOLD = 0.5
+
+
+def lung_masks(
+    images: Sequence[np.ndarray],
+    spec: ModelSpec,
+    predict: Callable[[np.ndarray], np.ndarray],
+) -> list[np.ndarray]:
+    """Steps 2 of the pipeline: the lung masks of grey ``uint8`` images.
+
+    Each image is resized (area) to the lung model's input, scaled by its manifest's
+    ``scale``, predicted by ``predict`` (the lung U-Net, batched), thresholded at
+    :data:`LUNG_THRESHOLD` and reduced to its two largest components
+    (:func:`keep_largest`). The masks are at the U-Net's resolution. Training uses this
+    same function, so the classifiers learn on the crops the node makes.
+    """
+    mh, mw = spec.input_size
+    grey = (
+        np.stack([cv2.resize(p, (mw, mh), interpolation=cv2.INTER_AREA) for p in images]).astype(
+            np.float32
+        )[..., None]
+        * spec.scale
+    )
+    probability = np.asarray(predict(grey))[..., 0]
+    return [keep_largest(p >= LUNG_THRESHOLD) for p in probability]
+
+
+def lung_crop(pixels: np.ndarray, mask: np.ndarray, size: int) -> tuple[Box, np.ndarray, bool]:
+    """Step 3 of the pipeline: ``(box, crop, lungs_found)`` of one grey ``uint8`` image.
+
+    The box is the lungs' extent in ``mask`` relaxed by 5 % per side
+    (:func:`~dicomnode.inference.geometry.lung_box`), mapped to the image's pixels; the
+    crop is that box cut from ``pixels`` and resized to ``size`` x ``size``. Without lungs
+    in the mask the box is the whole image (``lungs_found`` False).
+    """
+    mh, mw = mask.shape
+    rows, columns = pixels.shape[:2]
+    box = lung_box(mask)
+    found = box is not None
+    if box is None:
+        box = Box(0, 0, mw, mh)  # no lung found: analyse the whole image
+    source_box = box.scaled(columns / mw, rows / mh)
+    return source_box, crop(pixels, source_box, size), found
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -298,16 +344,11 @@ class CXRPipeline:
         s = self.settings
         # Lung mask -------------------------------------------------------------
         started = time.perf_counter()
-        mask_spec = self.specs[s.lung_mask]
-        mh, mw = mask_spec.input_size
-        grey = (
-            np.stack(
-                [cv2.resize(img.pixels, (mw, mh), interpolation=cv2.INTER_AREA) for _, img in batch]
-            ).astype(np.float32)[..., None]
-            * mask_spec.scale
+        masks = lung_masks(
+            [img.pixels for _, img in batch],
+            self.specs[s.lung_mask],
+            lambda x: self._predict(s.lung_mask, x),
         )
-        probability = self._predict(s.lung_mask, grey)[..., 0]
-        masks = [keep_largest(p >= 0.5) for p in probability]
         timer.add("lung_mask", started)
 
         # Lung crop -------------------------------------------------------------
@@ -316,13 +357,10 @@ class CXRPipeline:
         cw = member_spec.input_size[1]  # square input (the seed: 256 x 256)
         lung_boxes, crops, found = [], [], []
         for (_, img), mask in zip(batch, masks, strict=True):
-            box = lung_box(mask)
-            found.append(box is not None)
-            if box is None:
-                box = Box(0, 0, mw, mh)  # no lung found: analyse the whole image
-            source_box = box.scaled(img.Columns / mw, img.Rows / mh)
+            source_box, pixels, lungs_found = lung_crop(img.pixels, mask, cw)
+            found.append(lungs_found)
             lung_boxes.append(source_box)
-            crops.append(crop(img.pixels, source_box, cw))
+            crops.append(pixels)
         crops_arr = np.stack(crops).astype(np.float32)[..., None] * member_spec.scale
         classifier_input = np.repeat(crops_arr, member_spec.channels, axis=-1)
         timer.add("lung_crop", started)

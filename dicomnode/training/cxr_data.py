@@ -36,6 +36,14 @@ SARS, Streptococcus and "No Finding" images "Covid"; dropping the copy keeps the
 ieee8023 label. Groups are assigned to train/val/test by
 :func:`dicomnode.training.data.split_groups` (SHA-256 rank of the group key), stratified
 by source and class.
+
+The classifiers' input is, by default, what the node feeds them: the **lung crop**
+(``crop="lung"``). Every kept image's grey ``uint8`` pixels go through the CXR
+pipeline's own :func:`~dicomnode.pipelines.cxr.lung_masks` and
+:func:`~dicomnode.pipelines.cxr.lung_crop` with the lung U-Net of ``models/`` (or the one
+given), so training, evaluation and the node see the same crop. The crops are cached
+under ``build/cache/cxr-lung-crops/`` (ignored by git), keyed by the lung model's
+SHA-256 and the crop size. ``crop="none"`` is the whole image resized to the input.
 """
 
 from __future__ import annotations
@@ -84,6 +92,12 @@ THREE_CLASS_LABELS = {"viral_pneumonia": "pneumonia", "covid19": "covid19", "nor
 #: Thumbnail side and correlation at or above which two images are the same picture.
 THUMBNAIL_SIZE = 32
 DUPLICATE_CORRELATION = 0.96
+#: What the classifiers see: the node's lung crop, or the whole image.
+CROPS = ("lung", "none")
+#: The lung model that makes the crops when none is given.
+DEFAULT_LUNG_MODEL = Path(__file__).resolve().parents[2] / "models" / "cxr-lung-unet"
+#: Where the lung crops are cached (ignored by git).
+CROP_CACHE = Path(__file__).resolve().parents[2] / "build" / "cache" / "cxr-lung-crops"
 #: Default split fractions (train, val, test) of groups and the split salt.
 CXR_FRACTIONS = (0.6, 0.2, 0.2)
 CXR_SALT = "cxr-3class-v1"
@@ -107,7 +121,12 @@ class CXRSet:
 
     images: list[CXRImage]
     pixels: np.ndarray
-    """``(n, size, size)`` uint8, the whole image resized (area) to the model's input."""
+    """``(n, size, size)`` uint8: the node's lung crop (``crop`` ``lung``) or the whole
+    image (``none``), resized (area) to the model's input."""
+    crop: str = "none"
+    lung_model: str = ""
+    """``name version`` of the lung model that made the crops (empty for ``none``)."""
+    lung_model_sha256: str = ""
     duplicates_dropped: int = 0
     label_conflicts: int = 0
     merged_groups: int = 0
@@ -147,6 +166,14 @@ class CXRSet:
             f"{self.label_conflicts} of them labelled differently from the kept image, "
             f"{self.merged_groups} group merges; splits are by merged group "
             f"(salt `{CXR_SALT}`, SHA-256 rank, stratified by source and class)."
+        )
+        lines.append("")
+        lines.append(
+            f"Input: the node's lung crop, made by the CXR pipeline's own code with "
+            f"`{self.lung_model}` (mask, two largest components, extent relaxed by 5 % per "
+            "side, cut from the source image, resized)."
+            if self.crop == "lung"
+            else "Input: the whole image resized to the model's input (no lung crop)."
         )
         return "\n".join(lines)
 
@@ -235,19 +262,26 @@ def load_cxr_set(
     size: int,
     fractions: Sequence[float] = CXR_FRACTIONS,
     salt: str = CXR_SALT,
+    crop: str = "none",
+    lung_model: Path = DEFAULT_LUNG_MODEL,
 ) -> CXRSet:
-    """Read both sources, merge near-duplicates, split by group; pixels at ``size``."""
+    """Read both sources, merge near-duplicates, split by group; pixels at ``size``:
+    the node's lung crop (``crop="lung"``, see :func:`lung_crops`) or the whole image
+    (``"none"``)."""
+    if crop not in CROPS:
+        raise TrainingError(f"unknown crop {crop!r}; use one of {', '.join(CROPS)}")
     root = Path(data_dir) / CXR_DIR
     if not root.is_dir():
         raise TrainingError(
             f"CXR classification data not found: {str(root)!r} (give the data root with --data)"
         )
     images = _source_images(root)
-    pixels, thumbs = [], []
+    pixels, thumbs, greys = [], [], []
     for image in images:
         grey = read_grey(image.path)
         thumbs.append(thumbnail(grey))
         pixels.append(resize(grey, size))
+        greys.append(grey if crop == "lung" else None)
     members: dict[int, list[int]] = {}
     for index, root_index in enumerate(duplicate_sets(np.stack(thumbs))):
         members.setdefault(root_index, []).append(index)
@@ -280,14 +314,77 @@ def load_cxr_set(
     group_keys = [image.group for image in kept_images]
     splits = [image.split for image in kept_images]
     assert_group_disjoint(group_keys, splits)
+    lung_name = lung_sha = ""
+    if crop == "lung":
+        kept_pixels, lung_spec = lung_crops(
+            [greys[i] for i in keep],
+            [str(images[i].path.relative_to(root)) for i in keep],
+            size,
+            lung_model,
+        )
+        lung_name, lung_sha = f"{lung_spec.name} {lung_spec.version}", lung_spec.sha256
+    else:
+        kept_pixels = np.stack([pixels[i] for i in keep])
     return CXRSet(
         images=kept_images,
-        pixels=np.stack([pixels[i] for i in keep]),
+        pixels=kept_pixels,
+        crop=crop,
+        lung_model=lung_name,
+        lung_model_sha256=lung_sha,
         duplicates_dropped=dropped,
         label_conflicts=conflicts,
         merged_groups=merged,
         counts=split_counts(splits, group_keys),
     )
+
+
+def lung_crops(
+    images: Sequence[np.ndarray],
+    keys: Sequence[str],
+    size: int,
+    lung_model: Path = DEFAULT_LUNG_MODEL,
+    cache_dir: Path | None = CROP_CACHE,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, Any]:
+    """The node's lung crops of grey ``uint8`` ``images``: ``((n, size, size), spec)``.
+
+    Exactly the CXR pipeline's path (:func:`dicomnode.pipelines.cxr.lung_masks` then
+    :func:`dicomnode.pipelines.cxr.lung_crop`) with the lung model in ``lung_model``
+    (its checksum verified). Crops are cached in ``cache_dir`` per lung-model SHA-256
+    and size under ``keys`` (one unique key per image, e.g. its path); ``None``
+    disables the cache.
+    """
+    from dicomnode.inference.registry import load_model, read_manifest
+    from dicomnode.pipelines.cxr import lung_crop, lung_masks
+
+    spec = read_manifest(Path(lung_model) / "manifest.toml")
+    cache: dict[str, np.ndarray] = {}
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"{spec.sha256[:16]}-{size}.npz"
+        if cache_file.is_file():
+            with np.load(cache_file) as stored:
+                cache = dict(zip(stored["keys"].tolist(), stored["crops"], strict=True))
+    missing = [i for i, key in enumerate(keys) if key not in cache]
+    if missing:
+        model = load_model(spec)
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            masks = lung_masks([images[i] for i in chunk], spec, predict)
+            for i, mask in zip(chunk, masks, strict=True):
+                cache[keys[i]] = lung_crop(images[i], mask, size)[1]
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.stem}.tmp.npz")
+            np.savez_compressed(
+                tmp, keys=np.array(list(cache)), crops=np.stack(list(cache.values()))
+            )
+            tmp.replace(cache_file)
+    return np.stack([cache[key] for key in keys]), spec
 
 
 def to_model_input(pixels: np.ndarray, channels: int = 3, scale: float = 1 / 255) -> np.ndarray:
@@ -302,6 +399,7 @@ def to_model_input(pixels: np.ndarray, channels: int = 3, scale: float = 1 / 255
 
 __all__ = [
     "CLASS_NAMES",
+    "CROPS",
     "CXR_CLASSES",
     "CXR_FRACTIONS",
     "CXR_SALT",
@@ -310,6 +408,7 @@ __all__ = [
     "CXRSet",
     "duplicate_sets",
     "load_cxr_set",
+    "lung_crops",
     "thumbnail",
     "to_model_input",
 ]

@@ -1,10 +1,14 @@
 """The shipped CXR ensemble, re-measured on the held-out test patients of ../shared/data.
 
-Checks: every member and the stacking model load with matching checksums; the weighted
-ensemble (the default strategy) reaches macro ROC AUC >= 0.85 and at least its best
-member; one member is pruned by >= 20 % of its parameters while its validation AUC stays
-within 0.02 of the unpruned model; and the numbers in the cards' ``metrics.json`` are the
-ones measured here (within 0.005).
+Checks: every member and the stacking model load with matching checksums; the members
+were trained on the input their manifests record (``[training] crop``), and the test
+images are cut the same way: for ``lung``, by the CXR pipeline's own lung-mask and crop
+functions with the lung model the manifests name (cached under ``build/cache/``); the
+ensemble with the card's recommended strategy reaches macro ROC AUC >= 0.85 and at least
+its best member; one member is pruned by >= 20 % of its parameters while its validation
+AUC stays within 0.02 of the unpruned model; the numbers in the cards' ``metrics.json``
+are the ones measured here (within 0.005); and the node's pipeline cuts a real chest
+file exactly as the training data were cut.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import numpy as np
 import pytest
 from support import shared_data
 
-from dicomnode.inference.geometry import combine
+from dicomnode.imaging import to_uint8
+from dicomnode.inference.geometry import combine, crop
 from dicomnode.inference.registry import load_model, read_manifest, sha256_of
-from dicomnode.training.cxr_data import load_cxr_set, to_model_input
+from dicomnode.training.cxr_data import load_cxr_set, lung_crops, to_model_input
 from dicomnode.training.export import training_table
 from dicomnode.training.metrics import macro_auc
 
@@ -41,13 +46,18 @@ def measured() -> dict[str, Any]:
     models = {name: load_model(spec) for name, spec in specs.items()}  # checks sha256
     first = specs[MEMBERS[0]]
     training = training_table(first.manifest)  # type: ignore[arg-type]
+    crops = {training_table(spec.manifest).get("crop", "none") for spec in specs.values()}  # type: ignore[arg-type]
+    assert len(crops) == 1, f"members trained on different inputs: {crops}"
     data = load_cxr_set(
         data_root,
         first.input_size[0],
         fractions=tuple(training["split_fractions"]),
         salt=training["split_salt"],
+        crop=crops.pop(),
     )
-    out: dict[str, Any] = {"specs": specs, "val_auc": {}}
+    if data.crop == "lung":
+        assert data.lung_model_sha256 == training["crop_lung_model_sha256"]
+    out: dict[str, Any] = {"specs": specs, "val_auc": {}, "crop": data.crop}
     for split in ("val", "test"):
         pixels, labels = data.split(split)
         x = to_model_input(pixels, first.channels, first.scale)
@@ -182,3 +192,8 @@ def test_the_shipped_ensemble_runs_in_the_node_pipeline(strategy: str) -> None:
     assert sum(image.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert set(image.member_probabilities) == set(MEMBERS)
     assert image.heatmap is not None and image.explained_class == "covid19"
+    # Training cuts its images with the pipeline's own functions: same box, same crop.
+    pixels = to_uint8(path).pixels
+    crops, lung_spec = lung_crops([pixels], ["chest"], 128, cache_dir=None)
+    assert lung_spec.name == settings.lung_mask
+    np.testing.assert_array_equal(crops[0], crop(pixels, image.lung_box, 128))

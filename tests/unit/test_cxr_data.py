@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 from support import shared_data
 
+from dicomnode.training import TrainingError
 from dicomnode.training.cxr_data import (
     CLASS_NAMES,
     CXR_CLASSES,
     DUPLICATE_CORRELATION,
     duplicate_sets,
     load_cxr_set,
+    lung_crops,
     thumbnail,
 )
 
@@ -85,3 +87,31 @@ def test_the_split_is_deterministic_and_covers_every_class(cxr_set) -> None:  # 
     # The 3-class set's copies of ieee8023 pictures were dropped, ieee8023 labels kept.
     assert cxr_set.duplicates_dropped >= 15
     assert cxr_set.label_conflicts >= 10
+
+
+def test_an_unknown_crop_is_refused_with_its_value(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TrainingError, match="'middle'"):
+        load_cxr_set(tmp_path, 32, crop="middle")
+
+
+def test_lung_crops_are_the_pipelines_crops_and_are_cached(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Training's crops come from the CXR pipeline's functions with the shipped lung model;
+    a second call reads them back from the cache instead of predicting again."""
+    from dicomnode.inference.registry import load_model
+    from dicomnode.pipelines.cxr import lung_crop, lung_masks
+
+    lungs = cv2.GaussianBlur(np.full((400, 300), 200, np.uint8), (5, 5), 0)
+    cv2.ellipse(lungs, (95, 200), (50, 120), 0, 0, 360, 40, -1)
+    cv2.ellipse(lungs, (205, 200), (50, 120), 0, 0, 360, 40, -1)
+    images = [lungs, _chest_like(4)]
+    crops, spec = lung_crops(images, ["a.png", "b.png"], 64, cache_dir=tmp_path)
+    assert crops.shape == (2, 64, 64) and crops.dtype == np.uint8
+    assert spec.name == "cxr-lung-unet"
+    model = load_model(spec)
+    masks = lung_masks(images, spec, lambda x: np.asarray(model.predict(x, verbose=0)))
+    for image, mask, made in zip(images, masks, crops, strict=True):
+        np.testing.assert_array_equal(made, lung_crop(image, mask, 64)[1])
+    [cache] = tmp_path.glob("*.npz")
+    assert cache.name == f"{spec.sha256[:16]}-64.npz"
+    again, _ = lung_crops([np.zeros_like(lungs)], ["b.png"], 64, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again[0], crops[1])  # read back, not recomputed
