@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -41,15 +42,22 @@ def _result(study: StudyInput) -> ResultObject:
 
 
 class SlowPipeline:
-    """Sleeps ``DICOMNODE_TEST_DELAY_S`` seconds, then makes one result object."""
+    """Sleeps ``DICOMNODE_TEST_DELAY_S`` seconds, then makes one result object.
+
+    With ``DICOMNODE_TEST_MARK_DIR`` set, it first creates ``<dir>/<StudyInstanceUID>``, so
+    a test knows the moment processing started without polling ``status``."""
 
     name = "slow-fixture"
     version = "1"
 
     def load(self) -> None:
         self.delay = float(os.environ.get("DICOMNODE_TEST_DELAY_S", "0.2"))
+        mark_dir = os.environ.get("DICOMNODE_TEST_MARK_DIR")
+        self.mark_dir = Path(mark_dir) if mark_dir else None
 
     def run(self, study: StudyInput) -> PipelineOutcome:
+        if self.mark_dir is not None:
+            (self.mark_dir / study.study_instance_uid).touch()
         time.sleep(self.delay)
         return PipelineOutcome(
             results=(_result(study),),

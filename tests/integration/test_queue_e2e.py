@@ -92,7 +92,9 @@ def test_sigkill_while_receiving_and_while_processing_loses_nothing_and_runs_onc
         # timeout keeps a busy CI machine's late heartbeats from counting as deaths.
         queue={"heartbeat_interval_s": 0.5, "stalled_after_s": 20},
     ) as node:
-        node.env = {"DICOMNODE_TEST_DELAY_S": "1.5"}
+        marks = tmp_path / "processing"  # the slow pipeline marks each study it starts
+        marks.mkdir()
+        node.env = {"DICOMNODE_TEST_DELAY_S": "1.5", "DICOMNODE_TEST_MARK_DIR": str(marks)}
         node.stop()
         node.start()
         kills = 0
@@ -114,12 +116,13 @@ def test_sigkill_while_receiving_and_while_processing_loses_nothing_and_runs_onc
             rest = [f for f in files if str(f) not in acked]
             for run in storescu(rest, node.port):
                 assert run.returncode == 0, run.stdout + run.stderr
-            # Kill point 2: while the worker runs the (slow) pipeline on this study.
-            node.wait_for(
-                lambda s, uid=uid: s.get(uid, {}).get("state") == "processing",
-                30,
-                "the study being processed",
-            )
+            # Kill point 2: while the worker runs the (slow) pipeline on this study. (The
+            # mark file, not `status`: a CLI call can take longer than the 1.5 s window on
+            # a loaded machine.)
+            deadline = time.monotonic() + 30
+            while not (marks / uid).exists():
+                assert time.monotonic() < deadline, f"{uid} was not processed within 30 s"
+                time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 1.2))
             node.kill()
             kills += 1
