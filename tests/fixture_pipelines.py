@@ -49,6 +49,8 @@ class SlowPipeline:
 
     name = "slow-fixture"
     version = "1"
+    delay: float = 0.2
+    mark_dir: Path | None = None
 
     def load(self) -> None:
         self.delay = float(os.environ.get("DICOMNODE_TEST_DELAY_S", "0.2"))
