@@ -89,8 +89,10 @@ def test_sigkill_while_receiving_and_while_processing_loses_nothing_and_runs_onc
         quiet_period_s={"CT": 3.0},
         destinations=DESTINATIONS,
         # Killed workers are reclaimed at once (dead process on this host); a long stall
-        # timeout keeps a busy CI machine's late heartbeats from counting as deaths.
-        queue={"heartbeat_interval_s": 0.5, "stalled_after_s": 20},
+        # timeout keeps a busy CI machine's late heartbeats from counting as deaths. A job
+        # re-run after one kill can be running at the next kill too: the 12 deliberate kills
+        # must not reach the poison-job cap (max_attempts + 2 worker deaths).
+        queue={"heartbeat_interval_s": 0.5, "stalled_after_s": 20, "max_attempts": 10},
     ) as node:
         marks = tmp_path / "processing"  # the slow pipeline marks each study it starts
         marks.mkdir()
