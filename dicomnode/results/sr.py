@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from highdicom.sr import (
@@ -167,50 +167,23 @@ def build_sr(
             result, image, number, source, concepts, models, manufacturer, software_version
         )
 
-    observer = ObserverContext(
-        observer_type=codes.DEVICE,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=NODE_MODEL_NAME,
-            manufacturer_name=manufacturer,
-            model_name=NODE_MODEL_NAME,
-        ),
-    )
-    report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.PLAIN_CHEST_XRAY,
-        imaging_measurements=groups,
-        referenced_images=[_library_view(source) for source in analysed],
-    )
-    header = _evidence_header(sources[0])
-    sr = Comprehensive3DSR(
-        evidence=[header, *[s for s in analysed if s is not sources[0]]],
-        content=report[0],
-        series_instance_uid=result_uid(study_uid, result.models, "sr-series"),
+    return _document(
+        groups,
+        procedure=codes.PLAIN_CHEST_XRAY,
+        analysed=analysed,
+        header_source=sources[0],
+        models=result.models,
+        study_uid=study_uid,
+        kind="sr",
+        series_description=SR_SERIES_DESCRIPTION,
         series_number=series_number,
-        sop_instance_uid=result_uid(study_uid, result.models, "sr"),
         instance_number=instance_number,
         manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
+        software_version=software_version,
+        device_uid=device_uid,
         institution_name=institution_name,
         institutional_department_name=institutional_department_name,
-        contributing_equipment=contributing_equipment(
-            result.models,
-            manufacturer=manufacturer,
-            software_version=software_version,
-            device_uid=device_uid,
-            institution_name=institution_name,
-            institutional_department_name=institutional_department_name,
-        ),
-        series_description=SR_SERIES_DESCRIPTION,
-        manufacturer_model_name=NODE_MODEL_NAME,
-        software_versions=software_version,
     )
-    sr.DeviceUID = device_uid
-    empty_invalid_copied_values(sr, header)
-    return sr
 
 
 # --------------------------------------------------------------------------- checks
@@ -228,6 +201,77 @@ _TYPE2_HEADER = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+
+
+def _document(
+    groups: Sequence[Any],
+    *,
+    procedure: CodedConcept,
+    analysed: Sequence[Dataset],
+    header_source: Dataset,
+    models: Sequence[ModelDescription],
+    study_uid: str,
+    kind: str,
+    series_description: str,
+    series_number: int,
+    instance_number: int,
+    manufacturer: str,
+    software_version: str,
+    device_uid: str,
+    institution_name: str | None,
+    institutional_department_name: str | None,
+) -> Comprehensive3DSR:
+    """The Comprehensive 3D SR around a TID 1500 report of ``groups`` (CXR and CT alike).
+
+    The node is the device observer; the Image Library lists ``analysed``; the patient and
+    study modules come from ``header_source``; the series and instance UIDs are
+    :func:`result_uid` of the study, the ``models`` and ``kind`` (``kind + "-series"`` for
+    the series).
+    """
+    observer = ObserverContext(
+        observer_type=codes.DEVICE,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=NODE_MODEL_NAME,
+            manufacturer_name=manufacturer,
+            model_name=NODE_MODEL_NAME,
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure,
+        imaging_measurements=list(groups),
+        referenced_images=[_library_view(source) for source in analysed],
+    )
+    header = _evidence_header(header_source)
+    sr = Comprehensive3DSR(
+        evidence=[header, *[s for s in analysed if s is not header_source]],
+        content=report[0],
+        series_instance_uid=result_uid(study_uid, models, f"{kind}-series"),
+        series_number=series_number,
+        sop_instance_uid=result_uid(study_uid, models, kind),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        contributing_equipment=contributing_equipment(
+            models,
+            manufacturer=manufacturer,
+            software_version=software_version,
+            device_uid=device_uid,
+            institution_name=institution_name,
+            institutional_department_name=institutional_department_name,
+        ),
+        series_description=series_description,
+        manufacturer_model_name=NODE_MODEL_NAME,
+        software_versions=software_version,
+    )
+    sr.DeviceUID = device_uid
+    empty_invalid_copied_values(sr, header)
+    return sr
 
 
 def _evidence_header(source: Dataset) -> Dataset:
@@ -691,47 +735,20 @@ def build_ct_sr(
         ],
         source_images=[SourceImageForMeasurementGroup.from_source_image(s) for s in analysed],
     )
-    observer = ObserverContext(
-        observer_type=codes.DEVICE,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=NODE_MODEL_NAME,
-            manufacturer_name=manufacturer,
-            model_name=NODE_MODEL_NAME,
-        ),
-    )
-    report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.CT_OF_CHEST,
-        imaging_measurements=[study_group, *slice_groups],
-        referenced_images=[_library_view(source) for source in analysed],
-    )
-    header = _evidence_header(analysed[0])
-    sr = Comprehensive3DSR(
-        evidence=[header, *analysed[1:]],
-        content=report[0],
-        series_instance_uid=result_uid(study_uid, used, "ct-sr-series"),
+    return _document(
+        [study_group, *slice_groups],
+        procedure=codes.CT_OF_CHEST,
+        analysed=analysed,
+        header_source=analysed[0],
+        models=used,
+        study_uid=study_uid,
+        kind="ct-sr",
+        series_description=CT_SR_SERIES_DESCRIPTION,
         series_number=series_number,
-        sop_instance_uid=result_uid(study_uid, used, "ct-sr"),
         instance_number=instance_number,
         manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
+        software_version=software_version,
+        device_uid=device_uid,
         institution_name=institution_name,
         institutional_department_name=institutional_department_name,
-        contributing_equipment=contributing_equipment(
-            used,
-            manufacturer=manufacturer,
-            software_version=software_version,
-            device_uid=device_uid,
-            institution_name=institution_name,
-            institutional_department_name=institutional_department_name,
-        ),
-        series_description=CT_SR_SERIES_DESCRIPTION,
-        manufacturer_model_name=NODE_MODEL_NAME,
-        software_versions=software_version,
     )
-    sr.DeviceUID = device_uid
-    empty_invalid_copied_values(sr, header)
-    return sr
