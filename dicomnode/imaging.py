@@ -102,17 +102,7 @@ def to_uint8(source: str | os.PathLike[str] | Dataset) -> Image8:
     syntax with no decoder, corrupt or truncated data, an unsupported photometric
     interpretation, a malformed LUT), and ``OSError`` when the file cannot be opened.
     """
-    if isinstance(source, Dataset):
-        ds = source
-        label = f"dataset (SOPInstanceUID {_text(ds, 'SOPInstanceUID')!r})"
-    else:
-        label = os.fspath(source)
-        try:
-            ds = dcmread(Path(source), force=True)
-        except OSError:
-            raise
-        except Exception as exc:
-            raise ImageDecodeError(label, "", f"not readable as DICOM: {exc}") from exc
+    ds, label = _open(source)
     transfer_syntax = _transfer_syntax(ds)
     try:
         frame, decoded, frames = _first_frame(ds, transfer_syntax)
@@ -143,6 +133,25 @@ def to_uint8(source: str | os.PathLike[str] | Dataset) -> Image8:
     )
 
 
+def _open(
+    source: str | os.PathLike[str] | Dataset, target: str = "an 8-bit image"
+) -> tuple[Dataset, str]:
+    """The dataset of ``source`` (read with ``force``) and how error messages name it.
+
+    Raises :class:`ImageDecodeError` (making ``target``) when the file is not DICOM, and
+    ``OSError`` when it cannot be opened.
+    """
+    if isinstance(source, Dataset):
+        return source, f"dataset (SOPInstanceUID {_text(source, 'SOPInstanceUID')!r})"
+    label = os.fspath(source)
+    try:
+        return dcmread(Path(source), force=True), label
+    except OSError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(label, "", f"not readable as DICOM: {exc}", target) from exc
+
+
 def to_hu(source: str | os.PathLike[str] | Dataset) -> np.ndarray:
     """Decode the first frame of a greyscale CT image into Hounsfield units.
 
@@ -155,17 +164,7 @@ def to_hu(source: str | os.PathLike[str] | Dataset) -> np.ndarray:
     Raises :class:`ImageDecodeError` when the dataset is not a decodable greyscale image
     and ``OSError`` when the file cannot be opened.
     """
-    if isinstance(source, Dataset):
-        ds = source
-        label = f"dataset (SOPInstanceUID {_text(ds, 'SOPInstanceUID')!r})"
-    else:
-        label = os.fspath(source)
-        try:
-            ds = dcmread(Path(source), force=True)
-        except OSError:
-            raise
-        except Exception as exc:
-            raise ImageDecodeError(label, "", f"not readable as DICOM: {exc}", _HU) from exc
+    ds, label = _open(source, _HU)
     transfer_syntax = _transfer_syntax(ds)
     try:
         frame, decoded, _frames = _first_frame(ds, transfer_syntax)

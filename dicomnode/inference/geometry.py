@@ -75,6 +75,16 @@ def crop(image: np.ndarray, box: Box, size: int | tuple[int, int]) -> np.ndarray
     return cv2.resize(part, (width, height), interpolation=cv2.INTER_AREA)
 
 
+def map_in_source(values: np.ndarray, box: Box, rows: int, columns: int) -> np.ndarray:
+    """``values`` (a map over the crop ``box``) placed in a (rows, columns) float32 image,
+    resized to the box and zero outside it."""
+    full = np.zeros((rows, columns), np.float32)
+    x0, y0 = round(box.x), round(box.y)
+    x1, y1 = round(box.x + box.width), round(box.y + box.height)
+    full[y0:y1, x0:x1] = resize_map(values, x1 - x0, y1 - y0)
+    return full
+
+
 def resize_map(values: np.ndarray, width: int, height: int) -> np.ndarray:
     """A probability or heat map resized to ``width`` x ``height`` (bilinear, float32)."""
     return cv2.resize(values.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)

@@ -52,7 +52,7 @@ from dicomnode.inference.ct import (
     to_model_input,
     window_uint8,
 )
-from dicomnode.inference.geometry import Box, lung_box, resize_map
+from dicomnode.inference.geometry import Box, lung_box, map_in_source
 from dicomnode.inference.gradcam import GradCAM
 from dicomnode.inference.registry import (
     DEFAULT_CT_WINDOW,
@@ -101,14 +101,9 @@ class CTSliceResult:
 
     def heatmap_in_source(self) -> np.ndarray:
         """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""
-        full = np.zeros((self.rows, self.columns), np.float32)
         if self.heatmap is None:
-            return full
-        b = self.lung_box
-        x0, y0 = round(b.x), round(b.y)
-        x1, y1 = round(b.x + b.width), round(b.y + b.height)
-        full[y0:y1, x0:x1] = resize_map(self.heatmap, x1 - x0, y1 - y0)
-        return full
+            return np.zeros((self.rows, self.columns), np.float32)
+        return map_in_source(self.heatmap, self.lung_box, self.rows, self.columns)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -39,6 +39,7 @@ from dicomnode.inference.geometry import (
     combine,
     crop,
     lung_box,
+    map_in_source,
     resize_map,
 )
 from dicomnode.inference.gradcam import GradCAM
@@ -92,12 +93,7 @@ class CXRImageResult:
 
     def heatmap_in_source(self) -> np.ndarray:
         """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""
-        full = np.zeros((self.rows, self.columns), np.float32)
-        b = self.lung_box
-        x0, y0 = round(b.x), round(b.y)
-        x1, y1 = round(b.x + b.width), round(b.y + b.height)
-        full[y0:y1, x0:x1] = resize_map(self.heatmap, x1 - x0, y1 - y0)
-        return full
+        return map_in_source(self.heatmap, self.lung_box, self.rows, self.columns)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready essentials (no heat map)."""
