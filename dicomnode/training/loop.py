@@ -79,6 +79,25 @@ class FitResult:
     seconds: float
     """Wall time of this call's epochs."""
 
+    def record(self, target: str, seed: int, split_salt: str, metric: str) -> dict[str, Any]:
+        """The part of a model card's training record every target shares: the target,
+        seed and split salt, epochs run, the best epoch and its validation ``metric``
+        (e.g. ``"auc"`` gives ``best_val_auc``), this call's training seconds and the
+        Keras version and backend."""
+        import keras
+
+        return {
+            "target": target,
+            "seed": seed,
+            "split_salt": split_salt,
+            "epochs": len(self.history),
+            "best_epoch": self.best_epoch,
+            f"best_val_{metric}": round(self.best_score, 6),
+            "train_seconds": round(self.seconds, 1),
+            "keras": keras.__version__,
+            "backend": keras.backend.backend(),
+        }
+
 
 def _atomic_save(model: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,7 +273,6 @@ def train(args: argparse.Namespace) -> Path:
     batch_size = args.batch_size or DEFAULTS["batch_size"]
     items = cases(args.data)
     splits = assign_splits(items)
-    started = time.monotonic()
     images = load_images(items, size)
     labels = np.array([c.label for c in items], dtype=np.float32)
     index = {s: np.array([i for i, x in enumerate(splits) if x == s]) for s in tdata.SPLITS}
@@ -343,12 +341,7 @@ def train(args: argparse.Namespace) -> Path:
     val_scores = predict(result.model, val_x)[:, 0]
     threshold = m.youden_threshold(val_y, val_scores)
     training = {
-        "target": "ct-classifier",
-        "seed": args.seed,
-        "split_salt": SALT,
-        "epochs": len(result.history),
-        "best_epoch": result.best_epoch,
-        "best_val_auc": round(result.best_score, 6),
+        **result.record("ct-classifier", args.seed, SALT, "auc"),
         "threshold_from_validation": round(threshold, 6),
         "batch_size": batch_size,
         "optimizer": f"Adam, learning rate {args.lr} cosine-decayed to 0 over {epochs} epochs; "
@@ -356,9 +349,6 @@ def train(args: argparse.Namespace) -> Path:
         "loss": "binary cross-entropy",
         "augmentation": "rotation 10, shift 0.05, shear 5, zoom 0.15, horizontal flip; "
         "grey-level jitter: gamma exp(+-0.4), contrast +-30 %, brightness +-25",
-        "train_seconds": round(time.monotonic() - started, 1),
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
     }
     export_model(
         result.model,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,7 +227,6 @@ def train(args: argparse.Namespace) -> Path:
     batch_size = args.batch_size or DEFAULTS["batch_size"]
     items = read_labels(labels, args.images)
     splits = assign_splits(items)
-    started = time.monotonic()
     index = {s: [i for i, x in enumerate(splits) if x == s] for s in tdata.SPLITS}
     if not index["train"] or not index["val"]:
         raise TrainingError(
@@ -286,20 +284,12 @@ def train(args: argparse.Namespace) -> Path:
     )
     result = fit(build, train_batches, validate, settings)
     training = {
-        "target": "detector",
-        "seed": args.seed,
-        "split_salt": SALT,
-        "epochs": len(result.history),
-        "best_epoch": result.best_epoch,
-        "best_val_iou": round(result.best_score, 6),
+        **result.record("detector", args.seed, SALT, "iou"),
         "train_loss_by_epoch": [round(h["loss"], 6) for h in result.history],
         "batch_size": batch_size,
         "optimizer": f"Adam, learning rate {args.lr} cosine-annealed to 0",
         "loss": "0.5 * binary cross-entropy + 0.5 * IoU loss",
         "augmentation": "horizontal flip half the time (seed 003)",
-        "train_seconds": round(time.monotonic() - started, 1),
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
     }
     export_model(
         result.model,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,7 +268,6 @@ def train(args: argparse.Namespace) -> Path:
     batch_size = args.batch_size or DEFAULTS["batch_size"]
     items = cases(args.data)
     splits = assign_splits(items)
-    started = time.monotonic()
     images, masks = load_arrays(items, size)
     index = {s: np.array([i for i, x in enumerate(splits) if x == s]) for s in tdata.SPLITS}
     train_idx, val_idx = index["train"], index["val"]
@@ -327,20 +325,12 @@ def train(args: argparse.Namespace) -> Path:
     )
     result = fit(build, train_batches, validate, settings)
     training = {
-        "target": "lung-unet",
-        "seed": args.seed,
-        "split_salt": SALT,
-        "epochs": len(result.history),
-        "best_epoch": result.best_epoch,
-        "best_val_dice": round(result.best_score, 6),
+        **result.record("lung-unet", args.seed, SALT, "dice"),
         "batch_size": batch_size,
         "optimizer": f"Adam, learning rate warmed up linearly to {args.lr} over "
         f"{WARMUP_EPOCHS} epochs, then cosine-decayed to 5 %",
         "loss": "binary cross-entropy + soft Dice",
         "augmentation": "seed 000: rotation 10, shift 0.05, shear 5, zoom 0.3, horizontal flip",
-        "train_seconds": round(time.monotonic() - started, 1),
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
     }
     export_model(
         result.model,
