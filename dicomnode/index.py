@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -81,12 +81,37 @@ _NOT_YET_ANALYSED = (StudyState.COMPLETE, StudyState.QUEUED)
 _SERIES = Series.__table__
 _INSTANCE = Instance.__table__
 
+# record_instance runs inside every C-STORE's response time. Its statements are
+# built once, with bound parameters, so SQLAlchemy compiles each of them once per
+# process instead of generating a fresh statement and cache key per instance.
+_SELECT_STUDY = (
+    select(_STUDY.c.id, _STUDY.c.state, _STUDY.c.quiet_until, _STUDY.c.reason)
+    .where(_STUDY.c.study_instance_uid == bindparam("b_uid"))
+    .with_for_update()
+)
+_SELECT_SERIES = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("b_uid"))
+_SELECT_INSTANCE = select(_INSTANCE.c.id, _INSTANCE.c.path).where(
+    _INSTANCE.c.sop_instance_uid == bindparam("b_uid")
+)
+_INSERT_INSTANCE = insert(_INSTANCE)
+_UPDATE_INSTANCE = (
+    update(_INSTANCE)
+    .where(_INSTANCE.c.id == bindparam("b_id"))
+    .values(times_received=_INSTANCE.c.times_received + 1)
+)
+_UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("b_id"))
+_INSERT_IGNORE: dict[tuple[str, str], Any] = {}
+
 
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> None:
     """INSERT the row unless one with the same unique ``key`` exists (race-free)."""
     dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=[key]))
+    statement = _INSERT_IGNORE.get((dialect, table.name))
+    if statement is None:
+        dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        statement = dialect_insert(table).on_conflict_do_nothing(index_elements=[key])
+        _INSERT_IGNORE[(dialect, table.name)] = statement
+    session.execute(statement, values)
 
 
 def discard_queued(session: Session, study_id: int) -> None:
@@ -98,12 +123,8 @@ def _study_row(
     session: Session, meta: InstanceMeta, now: datetime, quiet: timedelta, force: timedelta
 ) -> Any:
     """The study's row (id, state, quiet_until, reason), created if new, locked for update."""
-    query = (
-        select(_STUDY.c.id, _STUDY.c.state, _STUDY.c.quiet_until, _STUDY.c.reason)
-        .where(_STUDY.c.study_instance_uid == meta.StudyInstanceUID)
-        .with_for_update()
-    )
-    row = session.execute(query).first()
+    key = {"b_uid": meta.StudyInstanceUID}
+    row = session.execute(_SELECT_STUDY, key).first()
     if row is None:
         _insert_ignore(
             session,
@@ -122,13 +143,13 @@ def _study_row(
             },
             "study_instance_uid",
         )
-        row = session.execute(query).one()
+        row = session.execute(_SELECT_STUDY, key).one()
     return row
 
 
 def _series_id(session: Session, meta: InstanceMeta, study_id: int) -> int:
-    query = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == meta.SeriesInstanceUID)
-    series_id = session.execute(query).scalar()
+    key = {"b_uid": meta.SeriesInstanceUID}
+    series_id = session.execute(_SELECT_SERIES, key).scalar()
     if series_id is None:
         _insert_ignore(
             session,
@@ -143,7 +164,7 @@ def _series_id(session: Session, meta: InstanceMeta, study_id: int) -> int:
             },
             "series_instance_uid",
         )
-        series_id = session.execute(query).scalar_one()
+        series_id = session.execute(_SELECT_SERIES, key).scalar_one()
     return int(series_id)
 
 
@@ -156,19 +177,15 @@ def record_instance(
 ) -> RecordOutcome:
     """Index one stored instance and move its study's completion deadlines.
 
-    Written with Core statements (five in the usual case): this runs once per
-    received instance, inside the C-STORE response time.
+    Written with prepared Core statements (five in the usual case): this runs
+    once per received instance, inside the C-STORE response time.
     """
     quiet = timedelta(seconds=completion.quiet_period_for(meta.Modality))
     force = timedelta(seconds=completion.force_complete_s)
     with db.write() as session:
         study = _study_row(session, meta, now, quiet, force)
         series_id = _series_id(session, meta, study.id)
-        existing = session.execute(
-            select(_INSTANCE.c.id, _INSTANCE.c.path).where(
-                _INSTANCE.c.sop_instance_uid == meta.SOPInstanceUID
-            )
-        ).first()
+        existing = session.execute(_SELECT_INSTANCE, {"b_uid": meta.SOPInstanceUID}).first()
         fields = {
             "series_id": series_id,
             "study_id": study.id,
@@ -193,18 +210,13 @@ def record_instance(
         superseded = None
         if existing is None:
             session.execute(
-                insert(_INSTANCE).values(
-                    sop_instance_uid=meta.SOPInstanceUID, times_received=1, **fields
-                )
+                _INSERT_INSTANCE,
+                {"sop_instance_uid": meta.SOPInstanceUID, "times_received": 1, **fields},
             )
         else:
             if existing.path != provenance.relative_path:
                 superseded = existing.path
-            session.execute(
-                update(_INSTANCE)
-                .where(_INSTANCE.c.id == existing.id)
-                .values(times_received=_INSTANCE.c.times_received + 1, **fields)
-            )
+            session.execute(_UPDATE_INSTANCE, {"b_id": existing.id, **fields})
 
         changes: dict[str, Any] = {"last_received_at": now}
         reopened = False
@@ -222,7 +234,6 @@ def record_instance(
                 state=state,
                 completed_at=None,
                 completion_reason=None,
-                reopened_count=_STUDY.c.reopened_count + 1,
                 quiet_until=now + quiet,
                 force_complete_at=now + force,
             )
@@ -231,7 +242,14 @@ def record_instance(
                 f"received without {' and '.join(meta.DerivedUIDs)}; the node derived them, "
                 "so results for this study would not match any study in the PACS"
             )
-        session.execute(update(_STUDY).where(_STUDY.c.id == study.id).values(**changes))
+        if reopened:  # rare: a statement of its own, with the counter incremented in SQL
+            session.execute(
+                update(_STUDY)
+                .where(_STUDY.c.id == study.id)
+                .values(reopened_count=_STUDY.c.reopened_count + 1, **changes)
+            )
+        else:
+            session.execute(_UPDATE_STUDY, {"b_id": study.id, **changes})
 
     if reopened:
         log.info("new instance re-opened %s study %s", study.state, meta.StudyInstanceUID)

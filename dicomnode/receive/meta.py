@@ -26,8 +26,9 @@ from dicomnode.receive.status import (
 from dicomnode.storage import validate_uid
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
+def _text(values: Dataset | dict[str, Any], keyword: str, limit: int) -> str | None:
+    """A text value from a dataset or from values already read, trimmed to ``limit``."""
+    value = values.get(keyword)
     if value is None or value == "":
         return None
     if isinstance(value, MultiValue):
@@ -36,8 +37,8 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     return text[:limit] or None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
+def _int(values: dict[str, Any], keyword: str) -> int | None:
+    value = values.get(keyword)
     if value is None or value == "":
         return None
     try:
@@ -132,20 +133,20 @@ def read_instance_meta(
         SOPInstanceUID=sop_uid,
         SOPClassUID=affected_sop_class_uid,
         TransferSyntaxUID=transfer_syntax_uid,
-        Modality=_text(ds, "Modality", 16),
-        BodyPartExamined=_text(ds, "BodyPartExamined", 64),
-        ViewPosition=_text(ds, "ViewPosition", 16),
-        ImageType=_text(ds, "ImageType", 200),
-        PhotometricInterpretation=_text(ds, "PhotometricInterpretation", 16),
-        Rows=_int(ds, "Rows"),
-        Columns=_int(ds, "Columns"),
-        NumberOfFrames=_int(ds, "NumberOfFrames"),
-        InstanceNumber=_int(ds, "InstanceNumber"),
-        SeriesDescription=_text(ds, "SeriesDescription", 64),
-        SeriesNumber=_int(ds, "SeriesNumber"),
-        PatientID=_text(ds, "PatientID", 64),
-        AccessionNumber=_text(ds, "AccessionNumber", 64),
-        StudyDate=_text(ds, "StudyDate", 8),
+        Modality=_text(values, "Modality", 16),
+        BodyPartExamined=_text(values, "BodyPartExamined", 64),
+        ViewPosition=_text(values, "ViewPosition", 16),
+        ImageType=_text(values, "ImageType", 200),
+        PhotometricInterpretation=_text(values, "PhotometricInterpretation", 16),
+        Rows=_int(values, "Rows"),
+        Columns=_int(values, "Columns"),
+        NumberOfFrames=_int(values, "NumberOfFrames"),
+        InstanceNumber=_int(values, "InstanceNumber"),
+        SeriesDescription=_text(values, "SeriesDescription", 64),
+        SeriesNumber=_int(values, "SeriesNumber"),
+        PatientID=_text(values, "PatientID", 64),
+        AccessionNumber=_text(values, "AccessionNumber", 64),
+        StudyDate=_text(values, "StudyDate", 8),
         ViewEvidence=_view_evidence(ds),
         DerivedUIDs=tuple(derived),
     )

@@ -373,6 +373,25 @@ def test_association_and_pdu_limits(tmp_path: Path) -> None:
         third.release()
 
 
+def test_many_small_pdus_store_byte_identical(tmp_path: Path) -> None:
+    """The DUL's direct path for data set fragments, at the smallest PDU the node allows.
+
+    A 2 MB instance arrives in about 500 P-DATA PDUs (most written straight to the
+    file, the last one and the command through pynetdicom), sent by dcmtk and by
+    pynetdicom (which fragment differently); another, sent in between, must not mix.
+    """
+    files = [make_instance(tmp_path / "in", rows=1024, columns=1024) for _ in range(3)]
+    with running_node(tmp_path / "node", receive={"max_pdu_size": 4096}) as node:
+        [run] = storescu(files[:2], node.port)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert pynetdicom_store(files[2], node.port) == 0x0000
+        stored = _by_sop_instance(node.data_dir / "instances")
+        for path in files:
+            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert dataset_bytes(stored[uid]) == dataset_bytes(path)
+        assert " ERROR " not in node.log()
+
+
 def test_logs_carry_no_patient_names_or_ids(tmp_path: Path) -> None:
     with running_node(tmp_path / "node", node={"log_level": "DEBUG"}) as node:
         study = generate_uid()
