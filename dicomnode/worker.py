@@ -36,7 +36,6 @@ from dicomnode.queue import (
     reclaim_stalled,
     worker_identity,
 )
-from dicomnode.results.encode import encode
 from dicomnode.storage import InstanceStore, validate_uid
 
 log = logging.getLogger("dicomnode.worker")
@@ -166,6 +165,10 @@ class Worker:
             try:
                 study = load_study(self.db, self.instances, job)
                 outcome = self.pipeline.run(study)
+                # Imported here: highdicom and OpenCV are for workers, not for the
+                # receiving processes that import this module through serve.
+                from dicomnode.results.encode import encode
+
                 objects = encode(outcome, study, self.settings.outputs)
                 items = self._store_results(job, objects)
             except Exception as exc:
