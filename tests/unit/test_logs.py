@@ -13,12 +13,13 @@ from dicomnode.logs import configure_logging
 def _restore_logging() -> object:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    tf = logging.getLogger("tensorflow")
-    filters = list(tf.filters)
+    loggers = [logging.getLogger(n) for n in ("tensorflow", "apscheduler.scheduler")]
+    filters = [list(logger.filters) for logger in loggers]
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    tf.filters[:] = filters
+    for logger, kept in zip(loggers, filters, strict=True):
+        logger.filters[:] = kept
 
 
 def test_expected_retracing_warning_is_dropped_other_tf_warnings_kept(
@@ -41,3 +42,18 @@ def test_debug_keeps_everything(capsys: pytest.CaptureFixture[str]) -> None:
     logging.getLogger("pynetdicom").debug("pdu bytes")
     err = capsys.readouterr().err
     assert "retracing" in err and "pdu bytes" in err
+
+
+def test_a_skipped_busy_completion_tick_is_not_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+    scheduler = logging.getLogger("apscheduler.scheduler")
+    scheduler.warning(
+        'Execution of job "CompletionScheduler._tick (trigger: interval[0:00:00.500000])" '
+        "skipped: maximum number of running instances reached (1)"
+    )
+    scheduler.error("Job raised an exception")
+    err = capsys.readouterr().err
+    assert "maximum number of running instances" not in err
+    assert "Job raised an exception" in err
