@@ -211,16 +211,19 @@ class EventDrivenDUL(DULServiceProvider):
         """Write a P-DATA-TF's data set fragments to the open data set file.
 
         Returns False, having written nothing, unless the association is in
-        data transfer (Sta6), a C-STORE data set is being received into a file,
-        nobody listens to raw PDU events, and every PDV in ``body`` is a data
-        set fragment of that message's presentation context that is not the
-        last one.
+        data transfer (Sta6), no earlier PDU or event is still waiting for the
+        state machine (so fragments stay in order), a C-STORE data set is being
+        received into a file, nobody listens to raw PDU events, and every PDV in
+        ``body`` is a data set fragment of that message's presentation context
+        that is not the last one.
         """
         message = self.assoc.dimse.message
         target = getattr(message, "_data_set_file", None) if message is not None else None
         if (
             target is None
             or self.state_machine.current_state != "Sta6"
+            or not self.event_queue.empty()
+            or not self._recv_pdu.empty()
             or self.assoc.get_handlers(evt.EVT_PDU_RECV)
             or self.assoc.get_handlers(evt.EVT_DATA_RECV)
         ):
