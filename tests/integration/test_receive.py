@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -390,6 +392,92 @@ def test_many_small_pdus_store_byte_identical(tmp_path: Path) -> None:
             uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             assert dataset_bytes(stored[uid]) == dataset_bytes(path)
         assert " ERROR " not in node.log()
+
+
+def _p_data_tf(*pdvs: tuple[int, int, bytes]) -> bytes:
+    """A P-DATA-TF PDU (PS3.8 9.3.5) with PDVs of (context ID, control header, bytes)."""
+    items = b"".join(
+        struct.pack(">LBB", len(data) + 2, context_id, control) + data
+        for context_id, control, data in pdvs
+    )
+    return struct.pack(">BBL", 0x04, 0x00, len(items)) + items
+
+
+def _store_command(path: Path, message_id: int) -> bytes:
+    """The C-STORE-RQ command set for a file, as pynetdicom encodes it."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    primitive = C_STORE()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
+    primitive.AffectedSOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    primitive.Priority = 0
+    primitive.DataSet = BytesIO(b"\0\0")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    return bytes(encode(message.command_set, True, True))
+
+
+def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> None:
+    """PDVs are handled one by one, whatever PDU they share (PS3.8 9.3.5 allows several).
+
+    One PDU carries the end of a data set, the next command and its whole data set;
+    both instances are stored byte-identical. Then a command arriving in the middle
+    of a data set is a protocol error: the association is aborted, the partial file
+    is removed, and the node keeps serving.
+    """
+    from pynetdicom import AE
+
+    files = [make_instance(tmp_path / "in") for _ in range(4)]
+    data = [dataset_bytes(path) for path in files]
+    context_syntax = "1.2.840.10008.1.2.1"  # make_instance writes explicit VR little endian
+    with running_node(tmp_path / "node") as node:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [context_syntax])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        [cx] = assoc.accepted_contexts
+        cid = cx.context_id
+        send = assoc.dul.socket.send  # raw PDUs, past pynetdicom's own fragmentation
+        half = len(data[0]) // 2
+        send(_p_data_tf((cid, 0x03, _store_command(files[0], 1)), (cid, 0x00, data[0][:half])))
+        send(
+            _p_data_tf(
+                (cid, 0x02, data[0][half:]),
+                (cid, 0x03, _store_command(files[1], 2)),
+                (cid, 0x02, data[1]),
+            )
+        )
+        statuses = {}
+        for _ in range(2):
+            _, response = assoc.dimse.get_msg(block=True)
+            statuses[int(response.MessageIDBeingRespondedTo)] = int(response.Status)
+        assert statuses == {1: 0x0000, 2: 0x0000}
+        # A command where the rest of a data set should be: the node aborts.
+        send(_p_data_tf((cid, 0x03, _store_command(files[2], 3)), (cid, 0x00, data[2][:100])))
+        send(_p_data_tf((cid, 0x03, _store_command(files[3], 4))))
+        deadline = time.monotonic() + 10
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted
+        assert "aborting association: a PDV" in node.log()
+
+        stored = _by_sop_instance(node.data_dir / "instances")
+        for path, sent in zip(files[:2], data[:2], strict=True):
+            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert dataset_bytes(stored[uid]) == sent
+        assert len(stored) == 2
+        assert (node.data_dir / "incoming").is_dir()
+        incoming = [p for p in (node.data_dir / "incoming").rglob("*") if p.is_file()]
+        assert incoming == []
+        [run] = storescu(files[2:], node.port)  # still serving
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert len(_by_sop_instance(node.data_dir / "instances")) == 4
 
 
 def test_logs_carry_no_patient_names_or_ids(tmp_path: Path) -> None:

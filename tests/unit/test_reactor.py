@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from dicomnode.receive.reactor import _READ_AHEAD, BulkReadSocket, encode_c_store_rsp
+from dicomnode.receive.cstore import decode_c_store_rq, encode_c_store_rsp, file_meta_header
+from dicomnode.receive.reactor import _READ_AHEAD, BulkReadSocket
 from dicomnode.storage import _SYNC_FILE_RANGE, fsync_file, start_writeback
 
 
@@ -108,3 +110,77 @@ def test_writeback_hint_is_available_on_linux_and_harmless(tmp_path: Path) -> No
         assert _SYNC_FILE_RANGE is not None
     assert fsync_file(path) == len(data)
     assert path.read_bytes() == data
+
+
+def _encoded_request(**values: object) -> bytes:
+    """A C-STORE-RQ command set as pynetdicom encodes it."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    primitive = C_STORE()
+    primitive.MessageID = 12
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    primitive.Priority = 2
+    primitive.DataSet = BytesIO(b"\0" * 8)
+    for keyword, value in values.items():
+        setattr(primitive, keyword, value)
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    return encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"MoveOriginatorApplicationEntityTitle": "MOVESCU", "MoveOriginatorMessageID": 3}],
+)
+def test_c_store_request_decodes_as_pynetdicom_decodes_it(extra: dict[str, object]) -> None:
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    command = _encoded_request(**extra)
+    ours = decode_c_store_rq(command)
+    assert ours is not None
+    # pynetdicom's own decoder, fed the same command set as one last-fragment PDV.
+    p_data = P_DATA()
+    p_data.presentation_data_value_list = [[1, b"\x03" + command]]
+    message = DIMSEMessage()
+    message.decode_msg(p_data)
+    theirs = message.message_to_primitive()
+    for keyword in (
+        "MessageID",
+        "AffectedSOPClassUID",
+        "AffectedSOPInstanceUID",
+        "Priority",
+        "MoveOriginatorApplicationEntityTitle",
+        "MoveOriginatorMessageID",
+    ):
+        assert getattr(ours, keyword) == getattr(theirs, keyword), keyword
+    assert ours.is_valid_request
+
+
+def test_commands_other_than_a_plain_c_store_request_are_left_to_pynetdicom() -> None:
+    command = _encoded_request()
+    assert decode_c_store_rq(command[:-3]) is None  # truncated
+    assert decode_c_store_rq(command + b"\x00\x00\x02\x09\x00\x00\x00\x00") is None  # 0000,0902
+    echo = bytearray(command)
+    # CommandField (0000,0100) of a C-ECHO-RQ: 0x0030.
+    at = echo.index(b"\x00\x00\x00\x01\x02\x00\x00\x00") + 8
+    echo[at : at + 2] = b"\x30\x00"
+    assert decode_c_store_rq(bytes(echo)) is None
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"])
+def test_file_meta_header_equals_pydicoms(syntax: str) -> None:
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    sop_class, sop_instance = "1.2.840.10008.5.1.4.1.1.1", "1.2.3.44"
+    buffer = BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(
+        buffer,  # type: ignore[arg-type]
+        create_file_meta(
+            sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
+        ),
+    )
+    assert file_meta_header(sop_class, sop_instance, syntax) == buffer.getvalue()
