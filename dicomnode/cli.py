@@ -29,8 +29,13 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand.
+
+    The training commands' own options come from the training recipes, which import
+    OpenCV and highdicom; they are built only when ``argv`` names a training command,
+    so that ``serve`` and its receiving processes do not carry those libraries.
+    """
     common = _common()
     parser = argparse.ArgumentParser(
         prog="dicomnode",
@@ -73,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", parents=[common], help="database tools")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser("upgrade", parents=[common], help="apply database migrations")
-    _add_training_commands(sub)
+    words = sys.argv[1:] if argv is None else argv
+    if any(word in TRAINING_COMMANDS for word in words):
+        _add_training_commands(sub)
+    else:
+        for name, text in _TRAINING_HELP.items():
+            sub.add_parser(name, help=text)
     return parser
 
 
@@ -81,22 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
 TRAINING_COMMANDS = ("train", "evaluate", "prune")
 
 
+_TRAINING_HELP = {
+    "train": "train a model from data (resumable; see docs/training.md)",
+    "evaluate": "re-measure a trained model on its held-out split; rewrite its MODEL_CARD.md",
+    "prune": "APoZ iterative pruning of a CXR ensemble member (see docs/training.md)",
+}
+
+
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from dicomnode.training import DEFAULT_DATA_DIR, add_common_arguments, targets
 
-    train = sub.add_parser(
-        "train", help="train a model from data (resumable; see docs/training.md)"
-    )
+    train = sub.add_parser("train", help=_TRAINING_HELP["train"])
     train_sub = train.add_subparsers(dest="target", required=True, metavar="TARGET")
     for name, target in sorted(targets().items()):
         parser = train_sub.add_parser(name, help=target.summary, description=target.summary)
         add_common_arguments(parser, target.default_out or f"models/{name}")
         if target.add_arguments is not None:
             target.add_arguments(parser)
-    evaluate = sub.add_parser(
-        "evaluate",
-        help="re-measure a trained model on its held-out split; rewrite its MODEL_CARD.md",
-    )
+    evaluate = sub.add_parser("evaluate", help=_TRAINING_HELP["evaluate"])
     evaluate.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="e.g. models/NAME")
     evaluate.add_argument(
         "--data",
@@ -107,10 +119,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     )
     from dicomnode.training.recipes.cxr import add_prune_arguments
 
-    prune = sub.add_parser(
-        "prune",
-        help="APoZ iterative pruning of a CXR ensemble member (see docs/training.md)",
-    )
+    prune = sub.add_parser("prune", help=_TRAINING_HELP["prune"])
     add_prune_arguments(prune)
 
 
@@ -234,7 +243,7 @@ def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``dicomnode`` command and return its exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.command in TRAINING_COMMANDS:
         try:
             return _cmd_training(args)

@@ -34,6 +34,13 @@ LATE_INSTANCE_POLICIES = ("reprocess", "ignore")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+#: How ``[cxr] strategy`` may combine the ensemble members (see
+#: :func:`dicomnode.inference.geometry.combine`).
+ENSEMBLE_STRATEGIES = ("weighted", "mean", "vote", "stacking")
+#: How ``[ct] aggregation`` may turn slice scores into a study score.
+CT_AGGREGATIONS = ("max", "top_k_mean", "percentile")
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """``[node]``: who the node is on the network and where it keeps its data."""
@@ -727,8 +734,6 @@ def _parse_routing(root: _Reader) -> RoutingSettings:
 
 
 def _parse_cxr(root: _Reader, base_dir: Path) -> CXRSettings:
-    from dicomnode.inference.geometry import STRATEGIES
-
     r = _Reader(_table(root, "cxr"), "cxr", root.problems)
     d = CXRSettings()
     models_dir = Path(r.get("models_dir", str, str(d.models_dir))).expanduser()
@@ -737,8 +742,8 @@ def _parse_cxr(root: _Reader, base_dir: Path) -> CXRSettings:
         r.problem("members", f"must be a non-empty list of model names, got {members!r}")
         members = list(d.members)
     strategy = r.get("strategy", str, d.strategy)
-    if strategy not in STRATEGIES:
-        r.problem("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy not in ENSEMBLE_STRATEGIES:
+        r.problem("strategy", f"must be one of {', '.join(ENSEMBLE_STRATEGIES)}, got {strategy!r}")
         strategy = d.strategy
     s = CXRSettings(
         models_dir=(models_dir if models_dir.is_absolute() else base_dir / models_dir).resolve(),
@@ -796,8 +801,6 @@ def _parse_ct_selection(parent: _Reader) -> CTSelectionSettings:
 
 
 def _parse_ct(root: _Reader, base_dir: Path) -> CTSettings:
-    from dicomnode.inference.ct import AGGREGATIONS
-
     r = _Reader(_table(root, "ct"), "ct", root.problems)
     d = CTSettings()
     models_dir = Path(r.get("models_dir", str, str(d.models_dir))).expanduser()
@@ -812,8 +815,10 @@ def _parse_ct(root: _Reader, base_dir: Path) -> CTSettings:
             value = default
         names[key] = value
     aggregation = r.get("aggregation", str, d.aggregation)
-    if aggregation not in AGGREGATIONS:
-        r.problem("aggregation", f"must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+    if aggregation not in CT_AGGREGATIONS:
+        r.problem(
+            "aggregation", f"must be one of {', '.join(CT_AGGREGATIONS)}, got {aggregation!r}"
+        )
         aggregation = d.aggregation
     s = CTSettings(
         models_dir=(models_dir if models_dir.is_absolute() else base_dir / models_dir).resolve(),

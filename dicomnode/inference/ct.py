@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from dicomnode.config import CT_AGGREGATIONS
 from dicomnode.inference.geometry import Box, crop, lung_box
 
 #: Lung window (HU) used when a classifier manifest gives none: center -600, width 1500.
@@ -27,7 +28,6 @@ GAS_HU = -900.0
 MIN_COMPONENT_MM2 = 300.0
 _KERNEL3 = np.ones((3, 3), np.uint8)
 #: Study-score aggregations of the per-slice probabilities.
-AGGREGATIONS = ("max", "top_k_mean", "percentile")
 
 
 @dataclass(frozen=True)
@@ -209,4 +209,4 @@ def aggregate(
         if not 0 <= percentile <= 100:
             raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
         return float(np.percentile(p, percentile))
-    raise ValueError(f"unknown aggregation {method!r}; use one of {', '.join(AGGREGATIONS)}")
+    raise ValueError(f"unknown aggregation {method!r}; use one of {', '.join(CT_AGGREGATIONS)}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from dicomnode.config import ENSEMBLE_STRATEGIES
+
 #: The seed's crop relaxes the lung extent by 5 % on every side.
 LUNG_MARGIN = 0.05
 
@@ -120,8 +122,6 @@ def normalize_heatmap(cam: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- ensembles
 
-STRATEGIES = ("weighted", "mean", "vote", "stacking")
-
 
 def combine(
     member_probabilities: np.ndarray,
@@ -161,4 +161,6 @@ def combine(
         stacked = np.concatenate(list(p), axis=1)  # (images, members * classes)
         out = np.asarray(meta(stacked.astype(np.float32)), dtype=np.float64)
         return out / out.sum(axis=1, keepdims=True)
-    raise ValueError(f"unknown ensemble strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    raise ValueError(
+        f"unknown ensemble strategy {strategy!r}; use one of {', '.join(ENSEMBLE_STRATEGIES)}"
+    )

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.config import ENSEMBLE_STRATEGIES
 from dicomnode.training import (
     REPO_ROOT,
     Target,
@@ -50,7 +51,6 @@ PRUNING_FILE = "pruning.json"
 DEFAULT_MEMBERS = ("models/cxr-vgg16", "models/cxr-vgg19", "models/cxr-inceptionv3")
 #: The ensemble strategies compared in the stacking card (the node's
 #: :func:`dicomnode.inference.geometry.combine`).
-STRATEGIES = ("weighted", "mean", "vote", "stacking")
 
 DATA_SOURCES = (
     DataSource(
@@ -791,7 +791,7 @@ def cross_validate_strategies(
 
     n_members, n, n_classes = member_probabilities.shape
     fold_of = np.random.default_rng(seed).permutation(n) % folds
-    out = {strategy: np.zeros((n, n_classes)) for strategy in STRATEGIES}
+    out = {strategy: np.zeros((n, n_classes)) for strategy in ENSEMBLE_STRATEGIES}
     for k in range(folds):
         fit_on, held = fold_of != k, fold_of == k
         p_fit, p_held = member_probabilities[:, fit_on], member_probabilities[:, held]
@@ -816,7 +816,7 @@ def cross_validate_strategies(
     rng = np.random.default_rng(seed)
     resamples = [rng.integers(0, n, n) for _ in range(bootstrap)]
     result = {}
-    for strategy in STRATEGIES:
+    for strategy in ENSEMBLE_STRATEGIES:
         draws = []
         for index in resamples:
             if len(np.unique(y[index])) == n_classes:
@@ -882,7 +882,7 @@ def train_stacking(args: argparse.Namespace) -> Path:
         batch_size=batch_size,
     )
     recommended = choose_strategy(cv)
-    for strategy in STRATEGIES:
+    for strategy in ENSEMBLE_STRATEGIES:
         print(
             f"{args.folds}-fold out-of-fold validation macro ROC AUC, {strategy}: "
             f"{cv[strategy][0]:.4f} (standard error {cv[strategy][1]:.4f})"
@@ -948,8 +948,14 @@ def train_stacking(args: argparse.Namespace) -> Path:
             "fitted_on": "members' outputs on the validation split",
             "weight_grid_step": args.weight_step,
             "cv_folds": args.folds,
-            **{f"cv_macro_auc_{strategy}": round(cv[strategy][0], 6) for strategy in STRATEGIES},
-            **{f"cv_macro_auc_se_{strategy}": round(cv[strategy][1], 6) for strategy in STRATEGIES},
+            **{
+                f"cv_macro_auc_{strategy}": round(cv[strategy][0], 6)
+                for strategy in ENSEMBLE_STRATEGIES
+            },
+            **{
+                f"cv_macro_auc_se_{strategy}": round(cv[strategy][1], 6)
+                for strategy in ENSEMBLE_STRATEGIES
+            },
             "recommended_strategy": recommended,
             "split_salt": CXR_SALT,
             "split_fractions": list(CXR_FRACTIONS),
@@ -1010,14 +1016,14 @@ def evaluate_stacking(model_dir: Path, data_dir: Path) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for name, spec_m, p in zip(names, specs, test_p, strict=True):
         results[name] = {**summary(test_y, p), "weight": spec_m.ensemble_weight}
-    for strategy in STRATEGIES:
+    for strategy in ENSEMBLE_STRATEGIES:
         results[f"ensemble ({strategy})"] = summary(test_y, combined(test_p, strategy))
     val_auc = {name: macro_auc(val_y, p) for name, p in zip(names, val_p, strict=True)}
-    for strategy in STRATEGIES:
+    for strategy in ENSEMBLE_STRATEGIES:
         val_auc[f"ensemble ({strategy})"] = macro_auc(val_y, combined(val_p, strategy))
     best_member = max(results[n]["macro_auc"] for n in names)
-    cv = {s: training.get(f"cv_macro_auc_{s}") for s in STRATEGIES}
-    cv_se = {s: training.get(f"cv_macro_auc_se_{s}") for s in STRATEGIES}
+    cv = {s: training.get(f"cv_macro_auc_{s}") for s in ENSEMBLE_STRATEGIES}
+    cv_se = {s: training.get(f"cv_macro_auc_se_{s}") for s in ENSEMBLE_STRATEGIES}
     recommended = str(training.get("recommended_strategy", "weighted"))
 
     def cv_cell(name: str) -> Any:
@@ -1092,7 +1098,7 @@ def evaluate_stacking(model_dir: Path, data_dir: Path) -> dict[str, Any]:
         "cv_macro_auc": cv,
         "cv_macro_auc_se": cv_se,
         "members": {n: results[n] for n in names},
-        "ensembles": {s: results[f"ensemble ({s})"] for s in STRATEGIES},
+        "ensembles": {s: results[f"ensemble ({s})"] for s in ENSEMBLE_STRATEGIES},
         "weights": dict(zip(names, weights, strict=True)),
         "best_member_macro_auc": best_member,
         "validation_macro_auc": val_auc,
