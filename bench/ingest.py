@@ -545,6 +545,14 @@ class NodeReceiver(Receiver):
         self.process = ManagedProcess(self.name, cmd, self.workdir / "node.log")
         # One listening socket per receiver process (SO_REUSEPORT), or the main one.
         self._wait_listening(self.processes)
+        # The worker process starts alongside; let it finish, so that "memory before
+        # the send" is the node at rest and not a worker still importing.
+        wait_until(
+            lambda: "started (pipeline" in self.process.log.read_text(errors="replace"),
+            START_TIMEOUT_S,
+            f"{self.name} worker started",
+            self.process.proc,
+        )
 
     def stored(self) -> int:
         return count_files(self.data_dir / "instances", "*.dcm")
