@@ -444,6 +444,12 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
         [cx] = assoc.accepted_contexts
         cid = cx.context_id
         send = assoc.dul.socket.send  # raw PDUs, past pynetdicom's own fragmentation
+        # Hold pynetdicom's requestor reactor, as its own send_c_store() does, so that
+        # it does not take the responses off the DIMSE queue first.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        time.sleep(0.05)  # past the one queue check a just-resumed loop may still make
         half = len(data[0]) // 2
         send(_p_data_tf((cid, 0x03, _store_command(files[0], 1)), (cid, 0x00, data[0][:half])))
         send(
@@ -456,8 +462,10 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
         statuses = {}
         for _ in range(2):
             _, response = assoc.dimse.get_msg(block=True)
+            assert response is not None, "no C-STORE response"
             statuses[int(response.MessageIDBeingRespondedTo)] = int(response.Status)
         assert statuses == {1: 0x0000, 2: 0x0000}
+        assoc._reactor_checkpoint.set()
         # A command where the rest of a data set should be: the node aborts.
         send(_p_data_tf((cid, 0x03, _store_command(files[2], 3)), (cid, 0x00, data[2][:100])))
         send(_p_data_tf((cid, 0x03, _store_command(files[3], 4))))
