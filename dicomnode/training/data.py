@@ -143,6 +143,14 @@ def assert_group_disjoint(groups: Sequence[str], splits: Sequence[str]) -> None:
             )
 
 
+def split_indices(splits: Sequence[str]) -> dict[str, np.ndarray]:
+    """The positions of each split's items (``train``, ``val``, ``test``), in order."""
+    return {
+        split: np.array([i for i, x in enumerate(splits) if x == split], dtype=np.int64)
+        for split in SPLITS
+    }
+
+
 def split_counts(splits: Sequence[str], groups: Sequence[str]) -> dict[str, dict[str, int]]:
     """``{split: {"images": n, "groups": m}}`` for the model card."""
     counts: dict[str, dict[str, int]] = {}

@@ -20,6 +20,7 @@ uninterrupted one would have drawn.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dicomnode.training import TrainingError
+from dicomnode.training import TrainingError, checkpoint_dir
 from dicomnode.training.data import epoch_rng
 
 log = logging.getLogger("dicomnode.training")
@@ -64,6 +65,30 @@ class FitSettings:
     mode: Literal["min", "max"] = "min"
     progress: bool = True
     fingerprint: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_command(
+        cls,
+        args: argparse.Namespace,
+        *,
+        epochs: int,
+        steps_per_epoch: int,
+        monitor: str,
+        fingerprint: Mapping[str, Any],
+        mode: Literal["min", "max"] = "max",
+    ) -> FitSettings:
+        """Settings for a ``dicomnode train`` run: its seed, checkpoint folder and progress
+        bar come from the command line's common options."""
+        return cls(
+            epochs=epochs,
+            checkpoint_dir=checkpoint_dir(args),
+            seed=args.seed,
+            steps_per_epoch=steps_per_epoch,
+            monitor=monitor,
+            mode=mode,
+            progress=not args.no_progress,
+            fingerprint=fingerprint,
+        )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.training import Target, TrainingError, checkpoint_dir, register, require_dir
+from dicomnode.training import Target, TrainingError, register, require_dir
 from dicomnode.training import data as tdata
 
 NAME = "ct-densenet121"
@@ -275,7 +275,7 @@ def train(args: argparse.Namespace) -> Path:
     splits = assign_splits(items)
     images = load_images(items, size)
     labels = np.array([c.label for c in items], dtype=np.float32)
-    index = {s: np.array([i for i, x in enumerate(splits) if x == s]) for s in tdata.SPLITS}
+    index = tdata.split_indices(splits)
     train_idx, val_idx = index["train"], index["val"]
     steps = int(np.ceil(len(train_idx) / batch_size))
     scale = 1 / 255
@@ -319,14 +319,11 @@ def train(args: argparse.Namespace) -> Path:
         model.compile(optimizer=keras.optimizers.Adam(schedule), loss="binary_crossentropy")
         return model
 
-    settings = FitSettings(
+    settings = FitSettings.for_command(
+        args,
         epochs=epochs,
-        checkpoint_dir=checkpoint_dir(args),
-        seed=args.seed,
         steps_per_epoch=steps,
         monitor="val_auc",
-        mode="max",
-        progress=not args.no_progress,
         fingerprint={
             "target": "ct-classifier",
             "bn_momentum": BN_MOMENTUM,

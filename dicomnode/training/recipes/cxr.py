@@ -902,14 +902,12 @@ def train_stacking(args: argparse.Namespace) -> Path:
         build,
         train_batches,
         lambda model: {},
-        FitSettings(
+        FitSettings.for_command(
+            args,
             epochs=epochs,
-            checkpoint_dir=checkpoint_dir(args),
-            seed=args.seed,
             steps_per_epoch=-(-len(features) // batch_size),
             monitor="loss",
             mode="min",
-            progress=not args.no_progress,
             fingerprint={
                 "target": "stacking",
                 "members": [s.sha256 for s in specs],

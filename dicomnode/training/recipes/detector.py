@@ -30,7 +30,6 @@ from dicomnode.training import (
     DEFAULT_DATA_DIR,
     Target,
     TrainingError,
-    checkpoint_dir,
     register,
 )
 from dicomnode.training import data as tdata
@@ -227,15 +226,15 @@ def train(args: argparse.Namespace) -> Path:
     batch_size = args.batch_size or DEFAULTS["batch_size"]
     items = read_labels(labels, args.images)
     splits = assign_splits(items)
-    index = {s: [i for i, x in enumerate(splits) if x == s] for s in tdata.SPLITS}
-    if not index["train"] or not index["val"]:
+    index = tdata.split_indices(splits)
+    if not len(index["train"]) or not len(index["val"]):
         raise TrainingError(
             f"{len(items)} labelled images are too few for a train and a validation split"
         )
     pairs = [load_case(c, size) for c in items]
     images = np.stack([p[0] for p in pairs])
     masks = np.stack([p[1] for p in pairs])
-    train_idx, val_idx = np.array(index["train"]), np.array(index["val"])
+    train_idx, val_idx = index["train"], index["val"]
     steps = int(np.ceil(len(train_idx) / batch_size))
     val_x = images[val_idx].astype(np.float32)[..., None] / 255.0
     val_y = masks[val_idx].astype(bool)
@@ -272,14 +271,11 @@ def train(args: argparse.Namespace) -> Path:
         model.compile(optimizer=keras.optimizers.Adam(schedule), loss=losses.bce_iou_loss)
         return model
 
-    settings = FitSettings(
+    settings = FitSettings.for_command(
+        args,
         epochs=epochs,
-        checkpoint_dir=checkpoint_dir(args),
-        seed=args.seed,
         steps_per_epoch=steps,
         monitor="val_iou",
-        mode="max",
-        progress=not args.no_progress,
         fingerprint={"target": "detector", "builder": builder, "lr": args.lr, "batch": batch_size},
     )
     result = fit(build, train_batches, validate, settings)

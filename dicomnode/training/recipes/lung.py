@@ -29,7 +29,6 @@ import numpy as np
 from dicomnode.training import (
     Target,
     TrainingError,
-    checkpoint_dir,
     register,
     require_dir,
 )
@@ -269,7 +268,7 @@ def train(args: argparse.Namespace) -> Path:
     items = cases(args.data)
     splits = assign_splits(items)
     images, masks = load_arrays(items, size)
-    index = {s: np.array([i for i, x in enumerate(splits) if x == s]) for s in tdata.SPLITS}
+    index = tdata.split_indices(splits)
     train_idx, val_idx = index["train"], index["val"]
     augmentation = tdata.SEED000_AUGMENTATION
     steps = int(np.ceil(len(train_idx) / batch_size))
@@ -313,14 +312,11 @@ def train(args: argparse.Namespace) -> Path:
         model.compile(optimizer=keras.optimizers.Adam(schedule), loss=losses.bce_dice_loss)
         return model
 
-    settings = FitSettings(
+    settings = FitSettings.for_command(
+        args,
         epochs=epochs,
-        checkpoint_dir=checkpoint_dir(args),
-        seed=args.seed,
         steps_per_epoch=steps,
         monitor="val_dice",
-        mode="max",
-        progress=not args.no_progress,
         fingerprint={"target": "lung-unet", "builder": builder, "lr": args.lr, "batch": batch_size},
     )
     result = fit(build, train_batches, validate, settings)
