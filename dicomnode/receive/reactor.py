@@ -268,16 +268,7 @@ class EventDrivenDUL(DULServiceProvider):
             return False  # malformed: pynetdicom's decoder reports it
         dimse = self.assoc.dimse
         if self._incoming is None and dimse.message is not None:
-            # pynetdicom is inside a message: only its middle data fragments go here.
-            target = getattr(dimse.message, "_data_set_file", None)
-            if target is None or any(
-                pdv[0] & 0b11 or context_id != dimse.message.context_id for context_id, pdv in pdvs
-            ):
-                return False
-            for _, pdv in pdvs:
-                target.write(pdv[1:])
-            target.flush()
-            return True
+            return False  # pynetdicom is inside a message (a command in fragments): it ends it
         for index, (context_id, pdv) in enumerate(pdvs):
             control = pdv[0]
             incoming = self._incoming

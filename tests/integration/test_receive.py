@@ -427,13 +427,14 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
     """PDVs are handled one by one, whatever PDU they share (PS3.8 9.3.5 allows several).
 
     One PDU carries the end of a data set, the next command and its whole data set;
-    both instances are stored byte-identical. Then a command arriving in the middle
+    both instances are stored byte-identical, and so is one whose command comes in two
+    fragments (pynetdicom assembles that message). Then a command arriving in the middle
     of a data set is a protocol error: the association is aborted, the partial file
     is removed, and the node keeps serving.
     """
     from pynetdicom import AE
 
-    files = [make_instance(tmp_path / "in") for _ in range(4)]
+    files = [make_instance(tmp_path / "in") for _ in range(5)]
     data = [dataset_bytes(path) for path in files]
     context_syntax = "1.2.840.10008.1.2.1"  # make_instance writes explicit VR little endian
     with running_node(tmp_path / "node") as node:
@@ -465,6 +466,14 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
             assert response is not None, "no C-STORE response"
             statuses[int(response.MessageIDBeingRespondedTo)] = int(response.Status)
         assert statuses == {1: 0x0000, 2: 0x0000}
+        # A command in two fragments is pynetdicom's to assemble, and so is its data set.
+        command = _store_command(files[4], 5)
+        send(_p_data_tf((cid, 0x01, command[:20])))
+        send(_p_data_tf((cid, 0x03, command[20:]), (cid, 0x00, data[4][:100])))
+        send(_p_data_tf((cid, 0x02, data[4][100:])))
+        _, response = assoc.dimse.get_msg(block=True)
+        assert response is not None, "no C-STORE response"
+        assert (int(response.MessageIDBeingRespondedTo), int(response.Status)) == (5, 0x0000)
         assoc._reactor_checkpoint.set()
         # A command where the rest of a data set should be: the node aborts.
         send(_p_data_tf((cid, 0x03, _store_command(files[2], 3)), (cid, 0x00, data[2][:100])))
@@ -476,16 +485,16 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
         assert "aborting association: a PDV" in node.log()
 
         stored = _by_sop_instance(node.data_dir / "instances")
-        for path, sent in zip(files[:2], data[:2], strict=True):
-            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            assert dataset_bytes(stored[uid]) == sent
-        assert len(stored) == 2
+        for i in (0, 1, 4):
+            uid = str(dcmread(files[i], stop_before_pixels=True).SOPInstanceUID)
+            assert dataset_bytes(stored[uid]) == data[i]
+        assert len(stored) == 3
         assert (node.data_dir / "incoming").is_dir()
         incoming = [p for p in (node.data_dir / "incoming").rglob("*") if p.is_file()]
         assert incoming == []
-        [run] = storescu(files[2:], node.port)  # still serving
+        [run] = storescu(files[2:4], node.port)  # still serving
         assert run.returncode == 0, run.stdout + run.stderr
-        assert len(_by_sop_instance(node.data_dir / "instances")) == 4
+        assert len(_by_sop_instance(node.data_dir / "instances")) == 5
 
 
 def test_logs_carry_no_patient_names_or_ids(tmp_path: Path) -> None:
