@@ -96,13 +96,11 @@ def _before_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >= _PIXEL_DATA
 
 
-def read_header(
-    path: Path, transfer_syntax_uid: str, *, direct: bool = True
-) -> tuple[Dataset, dict[str, Any]]:
+def read_header(path: Path, transfer_syntax_uid: str) -> tuple[Dataset, dict[str, Any]]:
     """The header (no pixel data) and the values of :data:`HEADER_KEYWORDS`.
 
     Every value is read now, so a broken encoding fails here (pydicom parses
-    values lazily). With ``direct``, a file laid out as the receiver writes it
+    values lazily). A file laid out as the receiver writes it
     (preamble, ``DICM``, a file meta group that starts with its length) is
     parsed from the end of the file meta on, in the transfer syntax it was
     received in, and ASCII-only values (UIDs, code strings, numbers, dates) are
@@ -112,11 +110,10 @@ def read_header(
     ``dcmread(force=True)``; the unit tests check that both paths give the same
     values for every shared and generated test file.
     """
-    if direct:
-        with contextlib.suppress(Exception):
-            header = _read_header_direct(path, transfer_syntax_uid)
-            if header is not None:
-                return header
+    with contextlib.suppress(Exception):
+        header = _read_header_direct(path, transfer_syntax_uid)
+        if header is not None:
+            return header
     ds = dcmread(path, stop_before_pixels=True, force=True)
     return ds, {keyword: ds.get(keyword) for keyword in HEADER_KEYWORDS}
 
