@@ -183,6 +183,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_roc(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str = "ROC"
 ) -> Path:
@@ -196,10 +204,7 @@ def plot_roc(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_confusion(
@@ -221,10 +226,7 @@ def plot_confusion(
         for j in range(m.shape[1]):
             colour = "white" if m[i, j] > limit else "black"
             ax.text(j, i, str(int(m[i, j])), ha="center", va="center", color=colour)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_reliability(
@@ -246,10 +248,7 @@ def plot_reliability(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_histogram(
@@ -260,10 +259,7 @@ def plot_histogram(
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     ax.hist(np.asarray(values, dtype=np.float64), bins=bins, color="tab:blue")
     ax.set(xlabel=xlabel, ylabel="images", title=title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 # --- report sections: metrics + tables + plots in one call -----------------------------
