@@ -16,9 +16,18 @@ index name         images mapped to it                         code (SCT)
 bacterial images for a class of their own, so class 0 is every pneumonia other than
 COVID-19.)
 
-Sources, under ``<data>/cxr_classification/`` (read at training time, never copied):
-``ieee8023_covid_chestxray_subset`` (``labels.csv`` with ``patientid``) and
-``covid19_image_dataset_3class_640px`` (``labels.csv``, no patient IDs).
+Sources, under the data root (read at training time, never copied), named in :data:`SOURCES`:
+
+* ``ieee8023``: ``cxr_classification/ieee8023_covid_chestxray_subset`` (``labels.csv``
+  with ``patientid``);
+* ``3class``: ``cxr_classification/covid19_image_dataset_3class_640px`` (``labels.csv``,
+  no patient IDs);
+* ``nlm``: the **adult normal** radiographs of the NLM Montgomery and Shenzhen sets in
+  ``cxr_lung_masks/montgomery_shenzhen_512px`` (``pairs.csv``, ``tb_label`` ``normal``;
+  one image per patient; the tuberculosis images have no class here and are left out).
+  The two other sources' normals are mostly pediatric (Kermany) while their COVID-19
+  images are adult, and members trained without adult normals called 50 of these 60
+  adult normal radiographs COVID-19: the class followed the patient's age, not the lungs.
 
 Splits are by **group**, never by image. A group is an ieee8023 patient; a 3-class image
 has no patient ID and is its own group. The 3-class set's COVID images come from the
@@ -79,6 +88,12 @@ CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in CXR_CLASSES)
 CXR_DIR = "cxr_classification"
 IEEE_DIR = "ieee8023_covid_chestxray_subset"
 THREE_CLASS_DIR = "covid19_image_dataset_3class_640px"
+#: The NLM Montgomery/Shenzhen pairs (lung-mask data) under the data root.
+NLM_DIR = "cxr_lung_masks/montgomery_shenzhen_512px"
+#: Every source, in reading order; ``[training] sources`` of a manifest names those used.
+SOURCES = ("ieee8023", "3class", "nlm")
+#: The sources of models trained before ``sources`` was recorded.
+LEGACY_SOURCES = ("ieee8023", "3class")
 
 #: Source label -> class name, per source.
 IEEE_LABELS = {
@@ -127,6 +142,7 @@ class CXRSet:
     lung_model: str = ""
     """``name version`` of the lung model that made the crops (empty for ``none``)."""
     lung_model_sha256: str = ""
+    sources: tuple[str, ...] = SOURCES
     duplicates_dropped: int = 0
     label_conflicts: int = 0
     merged_groups: int = 0
@@ -162,7 +178,7 @@ class CXRSet:
         lines.append("")
         lines.append(
             f"Near-duplicates (32 x 32 thumbnail correlation >= {DUPLICATE_CORRELATION}) "
-            f"across both sources: {self.duplicates_dropped} copies dropped, "
+            f"across all sources: {self.duplicates_dropped} copies dropped, "
             f"{self.label_conflicts} of them labelled differently from the kept image, "
             f"{self.merged_groups} group merges; splits are by merged group "
             f"(salt `{CXR_SALT}`, SHA-256 rank, stratified by source and class)."
@@ -185,9 +201,20 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _source_images(root: Path) -> list[CXRImage]:
+def _source_images(data_root: Path, sources: Sequence[str]) -> list[CXRImage]:
+    images: list[CXRImage] = []
+    root = data_root / CXR_DIR
+    if "ieee8023" in sources:
+        images += _ieee_images(root / IEEE_DIR)
+    if "3class" in sources:
+        images += _three_class_images(root / THREE_CLASS_DIR)
+    if "nlm" in sources:
+        images += _nlm_normal_images(data_root / NLM_DIR)
+    return images
+
+
+def _ieee_images(ieee: Path) -> list[CXRImage]:
     images = []
-    ieee = root / IEEE_DIR
     for row in _read_rows(ieee / "labels.csv"):
         label = row["label"]
         if label not in IEEE_LABELS:
@@ -201,7 +228,11 @@ def _source_images(root: Path) -> list[CXRImage]:
                 group=f"ieee8023:{row['patientid']}",
             )
         )
-    three = root / THREE_CLASS_DIR
+    return images
+
+
+def _three_class_images(three: Path) -> list[CXRImage]:
+    images = []
     for row in _read_rows(three / "labels.csv"):
         label = row["label"]
         if label not in THREE_CLASS_LABELS:
@@ -215,6 +246,25 @@ def _source_images(root: Path) -> list[CXRImage]:
                 group=f"3class:{row['path']}",
             )
         )
+    return images
+
+
+def _nlm_normal_images(nlm: Path) -> list[CXRImage]:
+    """The NLM sets' normal radiographs (one per patient: each is its own group)."""
+    images = []
+    for row in _read_rows(nlm / "pairs.csv"):
+        if row["tb_label"] not in ("normal", "tuberculosis"):
+            raise TrainingError(f"{NLM_DIR}/pairs.csv: unknown tb_label {row['tb_label']!r}")
+        if row["tb_label"] == "normal":
+            images.append(
+                CXRImage(
+                    path=nlm / "images" / row["filename"],
+                    source="nlm",
+                    source_label="normal",
+                    label=CLASS_NAMES.index("normal"),
+                    group=f"nlm:{row['filename']}",
+                )
+            )
     return images
 
 
@@ -264,18 +314,24 @@ def load_cxr_set(
     salt: str = CXR_SALT,
     crop: str = "none",
     lung_model: Path = DEFAULT_LUNG_MODEL,
+    sources: Sequence[str] = SOURCES,
 ) -> CXRSet:
-    """Read both sources, merge near-duplicates, split by group; pixels at ``size``:
+    """Read the ``sources``, merge near-duplicates, split by group; pixels at ``size``:
     the node's lung crop (``crop="lung"``, see :func:`lung_crops`) or the whole image
-    (``"none"``)."""
+    (``"none"``). Adding a source leaves the other sources' splits as they were (groups
+    are split per stratum of source and class)."""
     if crop not in CROPS:
         raise TrainingError(f"unknown crop {crop!r}; use one of {', '.join(CROPS)}")
-    root = Path(data_dir) / CXR_DIR
+    unknown = [name for name in sources if name not in SOURCES]
+    if unknown or not sources:
+        raise TrainingError(f"unknown CXR sources {list(sources)!r}; use some of {SOURCES}")
+    data_root = Path(data_dir)
+    root = data_root / CXR_DIR
     if not root.is_dir():
         raise TrainingError(
             f"CXR classification data not found: {str(root)!r} (give the data root with --data)"
         )
-    images = _source_images(root)
+    images = _source_images(data_root, sources)
     pixels, thumbs, greys = [], [], []
     for image in images:
         grey = read_grey(image.path)
@@ -318,7 +374,7 @@ def load_cxr_set(
     if crop == "lung":
         kept_pixels, lung_spec = lung_crops(
             [greys[i] for i in keep],
-            [str(images[i].path.relative_to(root)) for i in keep],
+            [str(images[i].path.relative_to(data_root)) for i in keep],
             size,
             lung_model,
         )
@@ -331,6 +387,7 @@ def load_cxr_set(
         crop=crop,
         lung_model=lung_name,
         lung_model_sha256=lung_sha,
+        sources=tuple(sources),
         duplicates_dropped=dropped,
         label_conflicts=conflicts,
         merged_groups=merged,
@@ -404,6 +461,8 @@ __all__ = [
     "CXR_FRACTIONS",
     "CXR_SALT",
     "DUPLICATE_CORRELATION",
+    "LEGACY_SOURCES",
+    "SOURCES",
     "CXRImage",
     "CXRSet",
     "duplicate_sets",

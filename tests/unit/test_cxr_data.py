@@ -12,11 +12,13 @@ from dicomnode.training.cxr_data import (
     CLASS_NAMES,
     CXR_CLASSES,
     DUPLICATE_CORRELATION,
+    LEGACY_SOURCES,
     duplicate_sets,
     load_cxr_set,
     lung_crops,
     thumbnail,
 )
+from dicomnode.training.data import SPLITS
 
 
 def _chest_like(seed: int) -> np.ndarray:
@@ -87,6 +89,27 @@ def test_the_split_is_deterministic_and_covers_every_class(cxr_set) -> None:  # 
     # The 3-class set's copies of ieee8023 pictures were dropped, ieee8023 labels kept.
     assert cxr_set.duplicates_dropped >= 15
     assert cxr_set.label_conflicts >= 10
+
+
+def test_the_adult_normals_join_without_moving_any_other_image(cxr_set) -> None:  # type: ignore[no-untyped-def]
+    """The NLM normals are a stratum of their own: the two other sources keep exactly the
+    splits they had without them (so earlier test images stay test images)."""
+    without = load_cxr_set(shared_data("cxr_classification").parent, 32, sources=LEGACY_SOURCES)
+    before = {image.path: image.split for image in without.images}
+    after = {image.path: image.split for image in cxr_set.images if image.source != "nlm"}
+    assert after == before
+    nlm = [image for image in cxr_set.images if image.source == "nlm"]
+    assert len(nlm) == 60
+    assert {image.label for image in nlm} == {CLASS_NAMES.index("normal")}
+    assert all(image.group == f"nlm:{image.path.name}" for image in nlm)
+    assert all(image.path.name.endswith("_0.png") for image in nlm)  # NLM's normal suffix
+    per_split = {split: sum(image.split == split for image in nlm) for split in SPLITS}
+    assert per_split == {"train": 36, "val": 12, "test": 12}
+
+
+def test_an_unknown_source_is_refused_with_its_value(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TrainingError, match="'kermany'"):
+        load_cxr_set(tmp_path, 32, sources=("ieee8023", "kermany"))
 
 
 def test_an_unknown_crop_is_refused_with_its_value(tmp_path) -> None:  # type: ignore[no-untyped-def]

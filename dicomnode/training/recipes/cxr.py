@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,9 @@ DEFAULT_MEMBERS = ("models/cxr-vgg16", "models/cxr-vgg19", "models/cxr-inception
 #: The ensemble strategies compared in the stacking card (the node's
 #: :func:`dicomnode.inference.geometry.combine`).
 
-DATA_SOURCES = (
-    DataSource(
+#: The card's description of each source of :data:`dicomnode.training.cxr_data.SOURCES`.
+DATA_SOURCES = {
+    "ieee8023": DataSource(
         "COVID-19 Image Data Collection subset (ieee8023)",
         "138 frontal adult CXRs (COVID-19, bacterial and viral pneumonia, No Finding) from "
         "many sites, snapshot of 27 Jun 2020 (s-mostafa-a/covid-chestxray-dataset @ 173779d); "
@@ -62,7 +64,7 @@ DATA_SOURCES = (
         "metadata CC BY-NC-SA 4.0: research and demonstration use only",
         "Cohen et al., arXiv:2003.11597 and arXiv:2006.11988",
     ),
-    DataSource(
+    "3class": DataSource(
         "COVID-19 Image Dataset, 3-way classification (Kaggle, pranavraikokte)",
         "317 images resized to 640 x 640 (Covid, Normal, Viral Pneumonia) as committed in "
         "Dilara-Benli/covid19_image_classification @ f41f7df; Normal and Viral images "
@@ -72,7 +74,18 @@ DATA_SOURCES = (
         "Kermany images CC BY 4.0: research and demonstration use only",
         "Kermany et al., Cell 2018",
     ),
-)
+    "nlm": DataSource(
+        "Montgomery County and Shenzhen chest X-ray sets (NLM), normal images only",
+        "60 adult frontal CXRs read as normal (30 Montgomery, 30 Shenzhen) of the 120-pair "
+        "subset at 512 x 512 that also trains `cxr-lung-unet` (rochadiego/"
+        "MultiResUNet-lung-segmentation @ 234c65b); one image per patient, each its own "
+        "group; the tuberculosis images are not used. They add the adult normals the other "
+        "sources lack: members trained without them called 50 of these 60 images COVID-19.",
+        "NLM terms: research use, do not redistribute the data, cite the papers; the data "
+        "are not shipped here, only weights trained on them",
+        "Jaeger et al., Quant Imaging Med Surg 2014;4(6):475-477; Candemir et al., IEEE TMI 2014",
+    ),
+}
 
 LIMITATIONS = (
     "Trained on a few hundred images from public collections; classes come from "
@@ -81,6 +94,9 @@ LIMITATIONS = (
     "Class 0 `pneumonia` pools bacterial and non-COVID viral pneumonia; the seed's "
     "published models separate `bacterial` instead (order bacterial, covid19, normal).",
     "Held-out test split: a few dozen patients per class; metrics have wide uncertainty.",
+    "A film showing a disease outside the three classes still gets one of them: the NLM "
+    "sites' tuberculosis films (not used in training) are mostly called normal "
+    "(`docs/training.md`).",
 )
 
 
@@ -101,7 +117,16 @@ def _limitations(data: Any) -> tuple[str, ...]:
             "feeds the lung crop of its lung-mask model, which is close to but not the same "
             "input."
         )
-    return (LIMITATIONS[0], seen, *LIMITATIONS[1:])
+    sources = LIMITATIONS[0]
+    if "nlm" in data.sources:
+        sources = (
+            "Trained on a few hundred images from public collections whose classes come "
+            "from different sources: most normal and all viral-pneumonia images of the "
+            "3-class set are pediatric, the COVID-19 images adult, and the adult normals "
+            "come from two tuberculosis-screening sites (NLM). The model may still learn "
+            "source cues (site, age, image processing), not disease."
+        )
+    return (sources, seen, *LIMITATIONS[1:])
 
 
 def _input_text(spec: Any, data: Any) -> str:
@@ -127,7 +152,13 @@ def _data(
     before the crop was recorded saw the whole image (``none``). When the table names
     the lung model's SHA-256, the crops must come from that model.
     """
-    from dicomnode.training.cxr_data import CXR_FRACTIONS, CXR_SALT, load_cxr_set
+    from dicomnode.training.cxr_data import (
+        CXR_FRACTIONS,
+        CXR_SALT,
+        LEGACY_SOURCES,
+        SOURCES,
+        load_cxr_set,
+    )
 
     table = training or {}
     data = load_cxr_set(
@@ -136,6 +167,8 @@ def _data(
         fractions=tuple(table.get("split_fractions", CXR_FRACTIONS)),
         salt=str(table.get("split_salt", CXR_SALT)),
         crop=crop or str(table.get("crop", "none")),
+        # A new model uses every source; a trained one, those it was trained on.
+        sources=tuple(table.get("sources", LEGACY_SOURCES if table else SOURCES)),
     )
     recorded = table.get("crop_lung_model_sha256")
     if data.crop == "lung" and recorded and recorded != data.lung_model_sha256:
@@ -147,11 +180,12 @@ def _data(
     return data
 
 
-def _crop_record(data: Any) -> dict[str, Any]:
-    """The ``[training]`` keys that say what the classifiers saw."""
+def _input_record(data: Any) -> dict[str, Any]:
+    """The ``[training]`` keys that say what the classifiers saw: sources and crop."""
     if data.crop != "lung":
-        return {"crop": data.crop}
+        return {"sources": list(data.sources), "crop": data.crop}
     return {
+        "sources": list(data.sources),
         "crop": data.crop,
         "crop_lung_model": data.lung_model,
         "crop_lung_model_sha256": data.lung_model_sha256,
@@ -381,7 +415,7 @@ def train_member(args: argparse.Namespace) -> Path:
         "learning_rate": args.learning_rate,
         "batch_size": batch_size,
         "split_salt": CXR_SALT,
-        **_crop_record(data),
+        **_input_record(data),
     }
     result = _fit_classifier(
         build,
@@ -418,7 +452,7 @@ def train_member(args: argparse.Namespace) -> Path:
             "augmentation": "seed 000 ImageDataGenerator arguments",
             "split_salt": CXR_SALT,
             "split_fractions": list(CXR_FRACTIONS),
-            **_crop_record(data),
+            **_input_record(data),
             "train_seconds": float(result.seconds),
         },
         description=f"{MEMBER_ARCHITECTURES[architecture]} member of the CXR ensemble. "
@@ -490,7 +524,7 @@ def evaluate_member(model_dir: Path, data_dir: Path) -> dict[str, Any]:
             f"weights file {metrics['weights_bytes'] / 1e6:.2f} MB"
         ),
         input=_input_text(spec, data),
-        data=DATA_SOURCES,
+        data=tuple(DATA_SOURCES[name] for name in data.sources),
         split_method=data.describe(),
         split_counts=data.counts,
         training={
@@ -957,7 +991,7 @@ def train_stacking(args: argparse.Namespace) -> Path:
             "recommended_strategy": recommended,
             "split_salt": CXR_SALT,
             "split_fractions": list(CXR_FRACTIONS),
-            **_crop_record(data),
+            **_input_record(data),
             "train_seconds": float(result.seconds),
         },
         description="Stacking meta-learner of the CXR ensemble (seed 000): Dense(9, relu) -> "
@@ -966,6 +1000,62 @@ def train_stacking(args: argparse.Namespace) -> Path:
     )
     evaluate_stacking(out, args.data)
     return out
+
+
+def _by_source(
+    sources: Sequence[str], labels: np.ndarray, probabilities: dict[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
+    """Per source of the test images: their count, true classes and, per model, the
+    accuracy and the classes it called (a model that follows the source, not the
+    lungs, shows here: e.g. adult normals called COVID-19)."""
+    from dicomnode.training.cxr_data import CLASS_NAMES
+
+    out: dict[str, dict[str, Any]] = {}
+    for source in dict.fromkeys(sources):
+        rows = np.array([s == source for s in sources])
+        y = labels[rows]
+        entry: dict[str, Any] = {
+            "n": int(rows.sum()),
+            "true": {c: int((y == i).sum()) for i, c in enumerate(CLASS_NAMES)},
+            "models": {},
+        }
+        for name, p in probabilities.items():
+            called = p[rows].argmax(axis=1)
+            entry["models"][name] = {
+                "accuracy": float((called == y).mean()),
+                "called": {c: int((called == i).sum()) for i, c in enumerate(CLASS_NAMES)},
+            }
+        out[source] = entry
+    return out
+
+
+def _by_source_table(by_source: dict[str, dict[str, Any]]) -> str:
+    """:func:`_by_source` as a Markdown table: one row per source and model."""
+    from dicomnode.training.cxr_data import CLASS_NAMES
+
+    rows = []
+    for source, entry in by_source.items():
+        true = ", ".join(f"{c} {n}" for c, n in entry["true"].items() if n)
+        for name, result in entry["models"].items():
+            rows.append(
+                [
+                    source,
+                    f"{entry['n']} ({true})",
+                    name,
+                    result["accuracy"],
+                    *(result["called"][c] for c in CLASS_NAMES),
+                ]
+            )
+    return markdown_table(
+        [
+            "source",
+            "images (true class)",
+            "model",
+            "accuracy",
+            *(f"called {c}" for c in CLASS_NAMES),
+        ],
+        rows,
+    )
 
 
 def evaluate_stacking(model_dir: Path, data_dir: Path) -> dict[str, Any]:
@@ -1075,6 +1165,20 @@ def evaluate_stacking(model_dir: Path, data_dir: Path) -> dict[str, Any]:
         + f"; with {int(test_y.size)} test images, differences of a few thousandths between "
         "the rows are within noise."
     )
+    if "nlm" in data.sources:
+        comparison += (
+            " The members were retrained once, with the commands below, after the NLM adult "
+            "normals were added to the data (see `docs/training.md`); nothing was tuned on "
+            "test numbers after that."
+        )
+    by_source = _by_source(
+        [image.source for image in data.images if image.split == "test"],
+        test_y,
+        {
+            f"ensemble ({recommended})": combined(test_p, recommended),
+            **dict(zip(names, test_p, strict=True)),
+        },
+    )
     for stale in folder.glob("*_roc.png"):  # plots of a previously recommended strategy
         for suffix in ("roc", "confusion", "reliability"):
             stale.with_name(stale.name.replace("_roc.png", f"_{suffix}.png")).unlink(
@@ -1103,6 +1207,7 @@ def evaluate_stacking(model_dir: Path, data_dir: Path) -> dict[str, Any]:
         "recommended": reports[0].metrics,
         "stacking": reports[-1].metrics,
         "n": int(test_y.size),
+        "by_source": by_source,
     }
     card = ModelCard(
         name=spec.name,
@@ -1128,7 +1233,7 @@ def evaluate_stacking(model_dir: Path, data_dir: Path) -> dict[str, Any]:
             f"the {len(names)} members' class probabilities concatenated "
             f"({len(names) * len(CLASS_NAMES)} values, member order as listed)"
         ),
-        data=DATA_SOURCES,
+        data=tuple(DATA_SOURCES[name] for name in data.sources),
         split_method=data.describe(),
         split_counts=data.counts,
         training={
@@ -1140,6 +1245,7 @@ def evaluate_stacking(model_dir: Path, data_dir: Path) -> dict[str, Any]:
         metrics=metrics,
         tables=[
             ("Ensemble versus members (test split)", comparison),
+            ("By source (test split)", _by_source_table(by_source)),
             *(table for report in reports for table in report.tables),
         ],
         plots=[plot for report in reports for plot in report.plots],
