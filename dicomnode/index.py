@@ -8,6 +8,7 @@ indexed (with its study's completion deadlines moved) or not at all.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import Executable
 
 from dicomnode.config import CompletionSettings
 from dicomnode.db import Database, Instance, Job, JobStatus, Series, Study, StudyState
+from dicomnode.db.database import PreparedStatement
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +83,12 @@ _STUDY = Study.__table__
 _NOT_YET_ANALYSED = (StudyState.COMPLETE, StudyState.QUEUED)
 _SERIES = Series.__table__
 _INSTANCE = Instance.__table__
+_JOB = Job.__table__
 
-# record_instance runs inside every C-STORE's response time. Its statements are
-# built once, with bound parameters, so SQLAlchemy compiles each of them once per
-# process instead of generating a fresh statement and cache key per instance.
+# record_instance runs inside every C-STORE's response time. Its statements are built
+# once, with bound parameters, compiled once per dialect and run on the DBAPI cursor
+# (see PreparedStatement): SQLAlchemy's per-execution work would cost more than the
+# database itself.
 _SELECT_STUDY = (
     select(_STUDY.c.id, _STUDY.c.state, _STUDY.c.quiet_until, _STUDY.c.reason)
     .where(_STUDY.c.study_instance_uid == bindparam("b_uid"))
@@ -93,79 +98,97 @@ _SELECT_SERIES = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bin
 _SELECT_INSTANCE = select(_INSTANCE.c.id, _INSTANCE.c.path).where(
     _INSTANCE.c.sop_instance_uid == bindparam("b_uid")
 )
-_INSERT_INSTANCE = insert(_INSTANCE)
 _UPDATE_INSTANCE = (
     update(_INSTANCE)
     .where(_INSTANCE.c.id == bindparam("b_id"))
     .values(times_received=_INSTANCE.c.times_received + 1)
 )
-_UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("b_id"))
-_INSERT_IGNORE: dict[tuple[str, str], Any] = {}
+_DISCARD_QUEUED = delete(_JOB).where(
+    _JOB.c.study_id == bindparam("b_id"), _JOB.c.status == JobStatus.QUEUED
+)
+_PREPARED: dict[tuple[str, Hashable], PreparedStatement] = {}
 
 
-def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> None:
-    """INSERT the row unless one with the same unique ``key`` exists (race-free)."""
-    dialect = session.get_bind().dialect.name
-    statement = _INSERT_IGNORE.get((dialect, table.name))
+def _prepared(
+    cursor_dialect: Dialect,
+    key: Hashable,
+    build: Callable[[], Executable],
+    column_keys: Sequence[str] | None = None,
+) -> PreparedStatement:
+    """The statement ``build`` makes, compiled once per dialect and ``key``."""
+    statement = _PREPARED.get((cursor_dialect.name, key))
     if statement is None:
-        dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        statement = dialect_insert(table).on_conflict_do_nothing(index_elements=[key])
-        _INSERT_IGNORE[(dialect, table.name)] = statement
-    session.execute(statement, values)
+        statement = PreparedStatement(
+            build(), cursor_dialect, list(column_keys) if column_keys is not None else None
+        )
+        _PREPARED[(cursor_dialect.name, key)] = statement
+    return statement
 
 
-def discard_queued(session: Session, study_id: int) -> None:
-    """Drop a study's queued (not yet running) analysis: new instances arrived for it."""
-    session.execute(delete(Job).where(Job.study_id == study_id, Job.status == JobStatus.QUEUED))
+def _insert_ignore(dialect: Dialect, table: Any, key: str) -> Executable:
+    """INSERT a row unless one with the same unique ``key`` exists (race-free)."""
+    dialect_insert = pg_insert if dialect.name == "postgresql" else sqlite_insert
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=[key])
 
 
 def _study_row(
-    session: Session, meta: InstanceMeta, now: datetime, quiet: timedelta, force: timedelta
-) -> Any:
-    """The study's row (id, state, quiet_until, reason), created if new, locked for update."""
+    cursor: Any,
+    dialect: Dialect,
+    meta: InstanceMeta,
+    now: datetime,
+    quiet: timedelta,
+    force: timedelta,
+) -> tuple[int, str, datetime, str | None]:
+    """The study's (id, state, quiet_until, reason), created if new, locked for update."""
     key = {"b_uid": meta.StudyInstanceUID}
-    row = session.execute(_SELECT_STUDY, key).first()
+    find = _prepared(dialect, "select study", lambda: _SELECT_STUDY)
+    row = find.first(cursor, key)
     if row is None:
-        _insert_ignore(
-            session,
-            _STUDY,
-            {
-                "study_instance_uid": meta.StudyInstanceUID,
-                "patient_id": meta.PatientID,
-                "accession_number": meta.AccessionNumber,
-                "study_date": meta.StudyDate,
-                "state": StudyState.RECEIVING,
-                "first_received_at": now,
-                "last_received_at": now,
-                "quiet_until": now + quiet,
-                "force_complete_at": now + force,
-                "reopened_count": 0,
-            },
-            "study_instance_uid",
-        )
-        row = session.execute(_SELECT_STUDY, key).one()
-    return row
+        values = {
+            "study_instance_uid": meta.StudyInstanceUID,
+            "patient_id": meta.PatientID,
+            "accession_number": meta.AccessionNumber,
+            "study_date": meta.StudyDate,
+            "state": StudyState.RECEIVING,
+            "first_received_at": now,
+            "last_received_at": now,
+            "quiet_until": now + quiet,
+            "force_complete_at": now + force,
+            "reopened_count": 0,
+        }
+        _prepared(
+            dialect,
+            "insert study",
+            lambda: _insert_ignore(dialect, _STUDY, "study_instance_uid"),
+            list(values),
+        ).execute(cursor, values)
+        row = find.first(cursor, key)
+        assert row is not None
+    return row  # type: ignore[return-value]
 
 
-def _series_id(session: Session, meta: InstanceMeta, study_id: int) -> int:
+def _series_id(cursor: Any, dialect: Dialect, meta: InstanceMeta, study_id: int) -> int:
     key = {"b_uid": meta.SeriesInstanceUID}
-    series_id = session.execute(_SELECT_SERIES, key).scalar()
-    if series_id is None:
-        _insert_ignore(
-            session,
-            _SERIES,
-            {
-                "study_id": study_id,
-                "series_instance_uid": meta.SeriesInstanceUID,
-                "modality": meta.Modality,
-                "body_part_examined": meta.BodyPartExamined,
-                "series_description": meta.SeriesDescription,
-                "series_number": meta.SeriesNumber,
-            },
-            "series_instance_uid",
-        )
-        series_id = session.execute(_SELECT_SERIES, key).scalar_one()
-    return int(series_id)
+    find = _prepared(dialect, "select series", lambda: _SELECT_SERIES)
+    row = find.first(cursor, key)
+    if row is None:
+        values = {
+            "study_id": study_id,
+            "series_instance_uid": meta.SeriesInstanceUID,
+            "modality": meta.Modality,
+            "body_part_examined": meta.BodyPartExamined,
+            "series_description": meta.SeriesDescription,
+            "series_number": meta.SeriesNumber,
+        }
+        _prepared(
+            dialect,
+            "insert series",
+            lambda: _insert_ignore(dialect, _SERIES, "series_instance_uid"),
+            list(values),
+        ).execute(cursor, values)
+        row = find.first(cursor, key)
+        assert row is not None
+    return int(row[0])
 
 
 def record_instance(
@@ -177,18 +200,23 @@ def record_instance(
 ) -> RecordOutcome:
     """Index one stored instance and move its study's completion deadlines.
 
-    Written with prepared Core statements (five in the usual case): this runs
-    once per received instance, inside the C-STORE response time.
+    One transaction of prepared statements (five in the usual case): this runs once
+    per received instance, inside the C-STORE response time.
     """
     quiet = timedelta(seconds=completion.quiet_period_for(meta.Modality))
     force = timedelta(seconds=completion.force_complete_s)
-    with db.write() as session:
-        study = _study_row(session, meta, now, quiet, force)
-        series_id = _series_id(session, meta, study.id)
-        existing = session.execute(_SELECT_INSTANCE, {"b_uid": meta.SOPInstanceUID}).first()
+    dialect = db.engine.dialect
+    with db.write_cursor() as cursor:
+        study_id, study_state, study_quiet_until, study_reason = _study_row(
+            cursor, dialect, meta, now, quiet, force
+        )
+        series_id = _series_id(cursor, dialect, meta, study_id)
+        existing = _prepared(dialect, "select instance", lambda: _SELECT_INSTANCE).first(
+            cursor, {"b_uid": meta.SOPInstanceUID}
+        )
         fields = {
             "series_id": series_id,
-            "study_id": study.id,
+            "study_id": study_id,
             "sop_class_uid": meta.SOPClassUID,
             "transfer_syntax_uid": meta.TransferSyntaxUID,
             "instance_number": meta.InstanceNumber,
@@ -209,25 +237,30 @@ def record_instance(
         }
         superseded = None
         if existing is None:
-            session.execute(
-                _INSERT_INSTANCE,
-                {"sop_instance_uid": meta.SOPInstanceUID, "times_received": 1, **fields},
+            values = {"sop_instance_uid": meta.SOPInstanceUID, "times_received": 1, **fields}
+            _prepared(dialect, "insert instance", lambda: insert(_INSTANCE), list(values)).execute(
+                cursor, values
             )
         else:
-            if existing.path != provenance.relative_path:
-                superseded = existing.path
-            session.execute(_UPDATE_INSTANCE, {"b_id": existing.id, **fields})
+            existing_id, existing_path = existing
+            if existing_path != provenance.relative_path:
+                superseded = existing_path
+            _prepared(
+                dialect, "update instance", lambda: _UPDATE_INSTANCE, ["b_id", *fields]
+            ).execute(cursor, {"b_id": existing_id, **fields})
 
         changes: dict[str, Any] = {"last_received_at": now}
         reopened = False
-        state = study.state
+        state = study_state
         if state == StudyState.RECEIVING:
-            changes["quiet_until"] = max(study.quiet_until, now + quiet)
+            changes["quiet_until"] = max(study_quiet_until, now + quiet)
         elif existing is None and (
             state in _NOT_YET_ANALYSED or completion.late_instance_policy == "reprocess"
         ):
             # Analyse the study again once it is quiet, with the new instance in it.
-            discard_queued(session, study.id)
+            _prepared(dialect, "discard queued", lambda: _DISCARD_QUEUED).execute(
+                cursor, {"b_id": study_id}
+            )
             reopened = True
             state = StudyState.RECEIVING
             changes.update(
@@ -237,22 +270,28 @@ def record_instance(
                 quiet_until=now + quiet,
                 force_complete_at=now + force,
             )
-        if meta.DerivedUIDs and not study.reason:
+        if meta.DerivedUIDs and not study_reason:
             changes["reason"] = (
                 f"received without {' and '.join(meta.DerivedUIDs)}; the node derived them, "
                 "so results for this study would not match any study in the PACS"
             )
-        if reopened:  # rare: a statement of its own, with the counter incremented in SQL
-            session.execute(
+        columns = tuple(changes)
+        _prepared(
+            dialect,
+            ("update study", reopened, columns),
+            lambda: (
                 update(_STUDY)
-                .where(_STUDY.c.id == study.id)
-                .values(reopened_count=_STUDY.c.reopened_count + 1, **changes)
-            )
-        else:
-            session.execute(_UPDATE_STUDY, {"b_id": study.id, **changes})
+                .where(_STUDY.c.id == bindparam("b_id"))
+                # A re-opening also counts itself, incremented in SQL.
+                .values(
+                    **({"reopened_count": _STUDY.c.reopened_count + 1} if reopened else {}),
+                    **{column: bindparam(column) for column in columns},
+                )
+            ),
+        ).execute(cursor, {"b_id": study_id, **changes})
 
     if reopened:
-        log.info("new instance re-opened %s study %s", study.state, meta.StudyInstanceUID)
+        log.info("new instance re-opened %s study %s", study_state, meta.StudyInstanceUID)
     elif existing is None and state != StudyState.RECEIVING:
         log.info(
             "late instance stored in study %s, left %s (late_instance_policy = ignore)",

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import Executable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,55 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_on_begin(conn: Any) -> None:
     mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
     conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class PreparedStatement:
+    """A Core statement compiled once for a dialect and run straight on a DBAPI cursor.
+
+    For the few statements the receive path runs per instance, SQLAlchemy's execution
+    machinery (session, compiled-cache lookup, parameter and result objects) costs
+    several times what SQLite itself does. The SQL text is still SQLAlchemy's, and every
+    value passes through its column type's own bind and result processors (e.g.
+    :class:`~dicomnode.db.models.UTCDateTime`), so rows are stored and read back exactly
+    as the ORM stores and reads them.
+    """
+
+    def __init__(
+        self, statement: Executable, dialect: Dialect, column_keys: list[str] | None = None
+    ) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        self.sql = str(compiled)
+        self._compiled = compiled
+        self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        self._bind = {
+            name: bind.type.dialect_impl(dialect).bind_processor(dialect)
+            for name, bind in compiled.binds.items()
+        }
+        columns = getattr(statement, "selected_columns", ())
+        self._result = tuple(
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
+        )
+
+    def execute(self, cursor: Any, values: dict[str, Any]) -> Any:
+        """Run with ``values`` (by bind or column name); the cursor, for fetching."""
+        params = self._compiled.construct_params(values)
+        for name, process in self._bind.items():
+            if process is not None and params.get(name) is not None:
+                params[name] = process(params[name])
+        cursor.execute(
+            self.sql, tuple(params[n] for n in self._order) if self._order is not None else params
+        )
+        return cursor
+
+    def first(self, cursor: Any, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        """The first row of a SELECT, each value through its column's result processor."""
+        row = self.execute(cursor, values).fetchone()
+        if row is None:
+            return None
+        return tuple(
+            process(value) if process is not None else value
+            for process, value in zip(self._result, row, strict=True)
+        )
 
 
 class Database:
@@ -88,6 +138,27 @@ class Database:
         """A transaction that commits when the block ends without an exception."""
         with self._write() as session, session.begin():
             yield session
+
+    @contextmanager
+    def write_cursor(self) -> Iterator[Any]:
+        """A DBAPI cursor in a write transaction, for :class:`PreparedStatement`.
+
+        On SQLite the transaction starts with ``BEGIN IMMEDIATE`` (as :meth:`write`);
+        it commits when the block ends without an exception and rolls back otherwise.
+        """
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            if self.is_sqlite:
+                cursor.execute("BEGIN IMMEDIATE")
+            try:
+                yield cursor
+            except BaseException:
+                connection.rollback()
+                raise
+            connection.commit()
+        finally:
+            connection.close()
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe to call from many hosts)."""

@@ -68,6 +68,101 @@ def test_record_instances_and_duplicates(db: Database) -> None:
     assert summary.instances == 2 and summary.series == 1 and summary.modalities == ["CT"]
 
 
+def test_prepared_statements_store_what_the_orm_reads_back(db: Database) -> None:
+    """record_instance writes through the DBAPI cursor (PreparedStatement): every value,
+    times included, must read back through the ORM as given."""
+    from datetime import datetime, timezone
+
+    local = timezone(timedelta(hours=2))
+    now = datetime(2026, 11, 22, 9, 30, 15, 123456, tzinfo=local)  # not UTC on purpose
+    meta = InstanceMeta(
+        StudyInstanceUID="7.1",
+        SeriesInstanceUID="7.1.1",
+        SOPInstanceUID="7.1.1.1",
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.1",
+        TransferSyntaxUID="1.2.840.10008.1.2.4.50",
+        Modality="CR",
+        ViewPosition="PA",
+        PhotometricInterpretation="MONOCHROME2",
+        Rows=2048,
+        Columns=1536,
+        NumberOfFrames=None,
+        InstanceNumber=3,
+        SeriesDescription="Chest PA",
+        SeriesNumber=2,
+        PatientID="P-1",
+        AccessionNumber="A-9",
+        StudyDate="20261122",
+        DerivedUIDs=("SeriesInstanceUID",),
+    )
+    record_instance(db, meta, Provenance("MODALITY", "10.0.0.7", "7/1/1.dcm", 987), COMPLETION, now)
+    with db.read() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == "7.1")).one()
+        series = s.scalars(select(Series).where(Series.study_id == study.id)).one()
+        inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == "7.1.1.1")).one()
+    assert study.first_received_at == study.last_received_at == now
+    assert study.quiet_until == now + timedelta(seconds=10)  # CR's quiet period
+    assert study.force_complete_at == now + timedelta(seconds=3600)
+    assert study.quiet_until.utcoffset() == timedelta(0)  # read back as aware UTC
+    assert (study.patient_id, study.accession_number, study.study_date) == (
+        "P-1",
+        "A-9",
+        "20261122",
+    )
+    assert study.state == StudyState.RECEIVING and study.reopened_count == 0
+    assert study.reason and "SeriesInstanceUID" in study.reason
+    assert (series.series_instance_uid, series.modality, series.series_description) == (
+        "7.1.1",
+        "CR",
+        "Chest PA",
+    )
+    assert series.series_number == 2
+    assert (inst.series_id, inst.study_id, inst.received_at) == (series.id, study.id, now)
+    assert (inst.rows, inst.columns, inst.number_of_frames, inst.instance_number) == (
+        2048,
+        1536,
+        None,
+        3,
+    )
+    assert (inst.view_position, inst.transfer_syntax_uid, inst.path, inst.size_bytes) == (
+        "PA",
+        "1.2.840.10008.1.2.4.50",
+        "7/1/1.dcm",
+        987,
+    )
+    assert (inst.calling_ae_title, inst.peer_host, inst.times_received) == (
+        "MODALITY",
+        "10.0.0.7",
+        1,
+    )
+    # A later instance moves quiet_until on, never back.
+    later = now + timedelta(seconds=4)
+    record_instance(db, _meta("7.1", "7.1.1", "7.1.1.2", "CR"), _prov("x"), COMPLETION, later)
+    with db.read() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == "7.1")).one()
+    assert study.last_received_at == later
+    assert study.quiet_until == later + timedelta(seconds=10)
+
+
+def test_a_failed_write_cursor_transaction_leaves_nothing(db: Database) -> None:
+    from sqlalchemy import insert
+
+    from dicomnode.db.database import PreparedStatement
+
+    statement = PreparedStatement(
+        insert(Series.__table__), db.engine.dialect, ["study_id", "series_instance_uid"]
+    )
+    record_instance(db, _meta("8.1", "8.1.1", "8.1.1.1"), _prov("y"), COMPLETION, utcnow())
+    with db.read() as s:
+        study_id = s.scalar(select(Study.id).where(Study.study_instance_uid == "8.1"))
+    with pytest.raises(RuntimeError, match="after the insert"), db.write_cursor() as cursor:
+        statement.execute(cursor, {"study_id": study_id, "series_instance_uid": "8.1.2"})
+        raise RuntimeError("after the insert")
+    with db.read() as s:
+        uids = s.scalars(select(Series.series_instance_uid).where(Series.study_id == study_id))
+        assert list(uids) == ["8.1.1"]
+
+
 def test_quiet_period_per_modality_and_completion(db: Database) -> None:
     t0 = utcnow()
     record_instance(db, _meta("2.1", "2.1.1", "2.1.1.1", "CR"), _prov("c"), COMPLETION, t0)
