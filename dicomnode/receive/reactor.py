@@ -76,7 +76,7 @@ _P_DATA_TF = 0x04
 _READ_AHEAD = 256 * 1024
 #: Received bytes after which the kernel is told to start writing the data set
 #: file back, so that the final fsync finds most of it on disk already.
-_WRITEBACK_BYTES = 1024 * 1024
+_WRITEBACK_BYTES = 256 * 1024
 #: Longest the DUL sleeps in ``select`` without a wake-up, to look at its ARTIM
 #: timer and kill flag (both also arrive with a wake-up; this is a safety net).
 _DUL_WAIT_S = 0.05
