@@ -125,10 +125,32 @@ def _prepared(
     return statement
 
 
-def _insert_ignore(dialect: Dialect, table: Any, key: str) -> Executable:
-    """INSERT a row unless one with the same unique ``key`` exists (race-free)."""
-    dialect_insert = pg_insert if dialect.name == "postgresql" else sqlite_insert
-    return dialect_insert(table).on_conflict_do_nothing(index_elements=[key])
+def _find_or_insert(
+    cursor: Any,
+    dialect: Dialect,
+    find: Executable,
+    table: Any,
+    key_column: str,
+    values: dict[str, Any],
+) -> tuple[Any, ...]:
+    """The row ``find`` selects for ``values[key_column]``; if there is none, the row is
+    inserted from ``values`` first (``ON CONFLICT DO NOTHING``, so two receivers
+    creating it at once both end up with the same row)."""
+    key = {"b_uid": values[key_column]}
+    select_row = _prepared(dialect, ("select", table.name), lambda: find)
+    row = select_row.first(cursor, key)
+    if row is None:
+        dialect_insert = pg_insert if dialect.name == "postgresql" else sqlite_insert
+        _prepared(
+            dialect,
+            ("insert ignore", table.name),
+            lambda: dialect_insert(table).on_conflict_do_nothing(index_elements=[key_column]),
+            list(values),
+        ).execute(cursor, values)
+        row = select_row.first(cursor, key)
+        if row is None:
+            raise RuntimeError(f"{table.name} row {key['b_uid']!r} not found after inserting it")
+    return row
 
 
 def _study_row(
@@ -138,13 +160,15 @@ def _study_row(
     now: datetime,
     quiet: timedelta,
     force: timedelta,
-) -> tuple[int, str, datetime, str | None]:
+) -> tuple[Any, ...]:
     """The study's (id, state, quiet_until, reason), created if new, locked for update."""
-    key = {"b_uid": meta.StudyInstanceUID}
-    find = _prepared(dialect, "select study", lambda: _SELECT_STUDY)
-    row = find.first(cursor, key)
-    if row is None:
-        values = {
+    return _find_or_insert(
+        cursor,
+        dialect,
+        _SELECT_STUDY,
+        _STUDY,
+        "study_instance_uid",
+        {
             "study_instance_uid": meta.StudyInstanceUID,
             "patient_id": meta.PatientID,
             "accession_number": meta.AccessionNumber,
@@ -155,39 +179,27 @@ def _study_row(
             "quiet_until": now + quiet,
             "force_complete_at": now + force,
             "reopened_count": 0,
-        }
-        _prepared(
-            dialect,
-            "insert study",
-            lambda: _insert_ignore(dialect, _STUDY, "study_instance_uid"),
-            list(values),
-        ).execute(cursor, values)
-        row = find.first(cursor, key)
-        assert row is not None
-    return row  # type: ignore[return-value]
+        },
+    )
 
 
 def _series_id(cursor: Any, dialect: Dialect, meta: InstanceMeta, study_id: int) -> int:
-    key = {"b_uid": meta.SeriesInstanceUID}
-    find = _prepared(dialect, "select series", lambda: _SELECT_SERIES)
-    row = find.first(cursor, key)
-    if row is None:
-        values = {
+    """The series' row id, created if new."""
+    row = _find_or_insert(
+        cursor,
+        dialect,
+        _SELECT_SERIES,
+        _SERIES,
+        "series_instance_uid",
+        {
             "study_id": study_id,
             "series_instance_uid": meta.SeriesInstanceUID,
             "modality": meta.Modality,
             "body_part_examined": meta.BodyPartExamined,
             "series_description": meta.SeriesDescription,
             "series_number": meta.SeriesNumber,
-        }
-        _prepared(
-            dialect,
-            "insert series",
-            lambda: _insert_ignore(dialect, _SERIES, "series_instance_uid"),
-            list(values),
-        ).execute(cursor, values)
-        row = find.first(cursor, key)
-        assert row is not None
+        },
+    )
     return int(row[0])
 
 
