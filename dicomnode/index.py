@@ -110,18 +110,18 @@ _PREPARED: dict[tuple[str, Hashable], PreparedStatement] = {}
 
 
 def _prepared(
-    cursor_dialect: Dialect,
+    dialect: Dialect,
     key: Hashable,
     build: Callable[[], Executable],
     column_keys: Sequence[str] | None = None,
 ) -> PreparedStatement:
     """The statement ``build`` makes, compiled once per dialect and ``key``."""
-    statement = _PREPARED.get((cursor_dialect.name, key))
+    statement = _PREPARED.get((dialect.name, key))
     if statement is None:
         statement = PreparedStatement(
-            build(), cursor_dialect, list(column_keys) if column_keys is not None else None
+            build(), dialect, list(column_keys) if column_keys is not None else None
         )
-        _PREPARED[(cursor_dialect.name, key)] = statement
+        _PREPARED[(dialect.name, key)] = statement
     return statement
 
 
