@@ -280,6 +280,7 @@ def test_sr_boxes_open_as_measurements_in_ohif(tmp_path: Path) -> None:
         assert distance <= TOLERANCE_PX, f"measurement {measurement} is no SR box{context}"
         unmatched.remove(nearest)
     assert not unmatched, f"SR boxes without a measurement: {unmatched}{context}"
+    assert source_sop in state["shown"], f"the source image is not on screen{context}"
     _check_png(shot)
 
 
@@ -372,6 +373,9 @@ def test_ct_sr_evidence_slices_open_in_ohif(tmp_path: Path) -> None:
         ]
         assert matches, f"measurement {measurement} is no SR region on its slice{context}"
         unmatched.remove(matches[0])
+    # Hydration moved the viewer to a measured slice (the reader sees a region at once).
+    measured = {m["sop"] for m in measurements}
+    assert measured & set(state["shown"]), f"no measured slice is on screen{context}"
     _check_png(shot)
 
 

@@ -50,7 +50,10 @@ _STATE = """(() => {
     label: m.label || null,
     points: m.referencedImageId && m.points ? toImage(m.referencedImageId, m.points) : [],
   }));
-  return {annotations, measurements};
+  const shown = cs.getEnabledElements()
+    .map(e => e.viewport && e.viewport.getCurrentImageId && e.viewport.getCurrentImageId())
+    .filter(Boolean).map(sopOf);
+  return {annotations, measurements, shown};
 })()"""
 
 
@@ -98,27 +101,37 @@ def wait_for_sr(
     browser: Browser, annotations: int, timeout: float, measurements: int = 1
 ) -> dict[str, Any]:
     """Wait until the SR shows as ``annotations`` SR annotations and at least
-    ``measurements`` measurements; return :func:`state` (whatever it is when the time is up)."""
+    ``measurements`` measurements, and hydration has finished: a viewport shows the image
+    of a measurement (hydration replaces the SR's viewport and then moves to the first
+    measurement's image; clicking anything before that can destroy the viewport under
+    the move, which OHIF reports as an exception). Returns :func:`state` (whatever it is
+    when the time is up)."""
     # On a timeout the caller's assertions say what is missing, with the state.
     with contextlib.suppress(BrowserError):
         browser.wait_for(
             f"""(() => {{
                 const s = {_STATE};
-                return s.annotations.filter(a => a.sop).length >= {annotations}
-                    && s.measurements.length >= {measurements};
+                if (s.annotations.filter(a => a.sop).length < {annotations}
+                    || s.measurements.length < {measurements}) return false;
+                return s.measurements.length === 0
+                    || s.measurements.some(m => m.sop && s.shown.includes(m.sop));
             }})()""",
             timeout,
-            "the SR's annotations and measurements",
+            "the SR's annotations and measurements, and a measurement's image on screen",
         )
+        settle(browser)
     return state(browser)
 
 
 def state(browser: Browser) -> dict[str, Any]:
-    """``{"annotations": [...], "measurements": [...]}``: the SR annotations
-    (``uid``, ``tracking_uid``, ``sop``, ``polylines``) and the measurements (``uid``, ``tool``,
-    ``sop``, ``label``, ``points``), coordinates in image pixels."""
+    """``{"annotations": [...], "measurements": [...], "shown": [...]}``: the SR annotations
+    (``uid``, ``tracking_uid``, ``sop``, ``polylines``), the measurements (``uid``, ``tool``,
+    ``sop``, ``label``, ``points``), coordinates in image pixels, and the SOP Instance UIDs
+    of the images the viewports show."""
     value = browser.evaluate(_STATE)
-    return dict(value) if isinstance(value, dict) else {"annotations": [], "measurements": []}
+    if isinstance(value, dict):
+        return dict(value)
+    return {"annotations": [], "measurements": [], "shown": []}
 
 
 def open_measurements_panel(browser: Browser, timeout: float = 10) -> None:
