@@ -127,8 +127,7 @@ def free_port() -> int:
 def listening_sockets(port: int) -> int:
     """How many sockets listen on ``port`` (IPv4 and IPv6), from ``/proc/net/tcp*``.
 
-    SO_REUSEPORT listeners each have their own line, so this also tells how many
-    of the node's receiver processes are ready. Nothing connects to the port.
+    Nothing connects to the port (a probe would hold an association slot).
     """
     count = 0
     for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
@@ -543,16 +542,17 @@ class NodeReceiver(Receiver):
         )
         cmd = [*dicomnode_command(), "serve", "--config", str(self.config)]
         self.process = ManagedProcess(self.name, cmd, self.workdir / "node.log")
-        # One listening socket per receiver process (SO_REUSEPORT), or the main one.
-        self._wait_listening(self.processes)
-        # The worker process starts alongside; let it finish, so that "memory before
-        # the send" is the node at rest and not a worker still importing.
-        wait_until(
-            lambda: "started (pipeline" in self.process.log.read_text(errors="replace"),
-            START_TIMEOUT_S,
-            f"{self.name} worker started",
-            self.process.proc,
-        )
+        self._wait_listening()
+        # The main process logs "listening on" once every receiving process and the
+        # worker are ready; waiting for the worker too means that "memory before the
+        # send" is the node at rest and not a worker still importing.
+        for line in ("listening on", "started (pipeline"):
+            wait_until(
+                lambda line=line: line in self.process.log.read_text(errors="replace"),
+                START_TIMEOUT_S,
+                f"{self.name} log line {line!r}",
+                self.process.proc,
+            )
 
     def stored(self) -> int:
         return count_files(self.data_dir / "instances", "*.dcm")

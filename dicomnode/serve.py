@@ -2,8 +2,9 @@
 
 ``serve``: the main process migrates the database, cleans up after a crash and
 runs the completion check (which queues an analysis for each complete study).
-It receives itself when ``receive.processes = 1``, or supervises that many
-receiver processes sharing the port; and it supervises ``worker.processes``
+It receives itself when ``receive.processes = 1``; otherwise it listens on the
+port and hands each connection to the least busy of that many receiver
+processes (:mod:`dicomnode.receive.dispatch`). It also supervises ``worker.processes``
 worker processes of ``worker.threads`` workers each. SIGTERM or SIGINT stops
 accepting associations, lets those in flight finish (up to
 ``receive.shutdown_grace_s``), lets running jobs finish or hands them back, and
@@ -18,8 +19,10 @@ one storage.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -38,12 +41,19 @@ from dicomnode.errors import DicomNodeError
 from dicomnode.logs import configure_logging
 from dicomnode.pipelines import load_pipeline
 from dicomnode.queue import enqueue
+from dicomnode.receive.dispatch import AssociationDispatcher, ReceiverChannel
 from dicomnode.receive.server import Receiver
 from dicomnode.send import Sender
 from dicomnode.storage import InstanceStore
 from dicomnode.worker import Worker
 
 log = logging.getLogger("dicomnode.serve")
+
+#: What a child's entry point gets besides the settings, its index and its ready event.
+_ExtraArgs = Callable[[], tuple[Any, ...]]
+
+#: prctl option: the signal a child gets when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 #: A child process that dies this soon after starting counts as a failed start.
 _FAST_FAILURE_S = 5.0
@@ -88,13 +98,42 @@ def _check_port_free(host: str, port: int) -> None:
         probe.close()
 
 
-def _receiver_main(settings: Settings, index: int, ready: Any) -> None:
-    """Entry point of one receiver process; sets ``ready`` once its socket listens."""
+def _stop_with_parent() -> None:
+    """Have the kernel send this child SIGTERM when the process that started it dies.
+
+    A main process killed with SIGKILL (or by the OOM killer) then leaves no
+    receivers or workers behind; each stops as on SIGTERM. Linux only; elsewhere
+    nothing is arranged.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.debug("cannot ask to be stopped with the parent process on this platform")
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent died before prctl took effect
+
+
+def _receiver_main(settings: Settings, index: int, ready: Any, channel: ReceiverChannel) -> None:
+    """Entry point of one receiver process; sets ``ready`` once it takes connections.
+
+    It stops on SIGTERM or SIGINT, or when the main process closes its channel.
+    """
     configure_logging(settings.node.log_level)
     stop = threading.Event()
     _install_stop_signals(stop)
+    _stop_with_parent()
     db = Database(settings.database.url)
-    receiver = Receiver(settings, db, make_store(settings), settings.receive.processes)
+    receiver = Receiver(
+        settings,
+        db,
+        make_store(settings),
+        settings.receive.processes,
+        channel=channel,
+        on_channel_closed=stop.set,
+    )
     receiver.start()
     ready.set()
     log.info("receiver %d accepting associations", index)
@@ -134,6 +173,7 @@ def _worker_main(settings: Settings, index: int, ready: Any) -> None:
     configure_logging(settings.node.log_level)
     stop = threading.Event()
     _install_stop_signals(stop)
+    _stop_with_parent()
     run_workers(settings, stop, ready)
 
 
@@ -143,28 +183,41 @@ class _Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ctx = multiprocessing.get_context("spawn")
-        self.children: dict[str, tuple[BaseProcess, float, Callable[..., None]]] = {}
+        self.children: dict[str, tuple[BaseProcess, float, Callable[..., None], _ExtraArgs]] = {}
         self.fast_failures = 0
 
     def start(
-        self, name: str, target: Callable[[Settings, int, Any], None], timeout_s: float = 120
+        self,
+        name: str,
+        target: Callable[..., None],
+        extra_args: _ExtraArgs = tuple,
+        timeout_s: float = 120,
     ) -> None:
-        """Start child ``name`` running ``target`` and wait until it says it is ready."""
+        """Start child ``name`` running ``target`` and wait until it says it is ready.
+
+        ``target`` gets the settings, the child's index, its ready event, and what
+        ``extra_args()`` returns (called again at each restart). A
+        :class:`ReceiverChannel` among those is closed here once the child has its own.
+        """
         ready = self.ctx.Event()
         index = int(name.rsplit("-", 1)[1])
+        extra = extra_args()
         proc = self.ctx.Process(
-            target=target, args=(self.settings, index, ready), name=name, daemon=False
+            target=target, args=(self.settings, index, ready, *extra), name=name, daemon=False
         )
         proc.start()
-        self.children[name] = (proc, time.monotonic(), target)
+        self.children[name] = (proc, time.monotonic(), target, extra_args)
         deadline = time.monotonic() + timeout_s
         while not ready.wait(0.1):
             if not proc.is_alive() or time.monotonic() > deadline:
                 raise DicomNodeError(f"{name} failed to start (exit code {proc.exitcode})")
+        for arg in extra:
+            if isinstance(arg, ReceiverChannel):
+                arg.close()
 
     def check(self) -> None:
         """Restart children that died; give up after repeated failed starts."""
-        for name, (proc, started, target) in list(self.children.items()):
+        for name, (proc, started, target, extra_args) in list(self.children.items()):
             if proc.is_alive():
                 continue
             log.error("%s exited with code %s; restarting it", name, proc.exitcode)
@@ -172,15 +225,15 @@ class _Supervisor:
                 self.fast_failures += 1
                 if self.fast_failures >= _MAX_FAST_FAILURES:
                     raise DicomNodeError("child processes keep failing at start; see the log")
-            self.start(name, target)
+            self.start(name, target, extra_args)
 
     def stop(self, grace_s: float) -> None:
         """SIGTERM every child, wait up to ``grace_s`` (+5 s), then kill what is left."""
-        for proc, _, _ in self.children.values():
+        for proc, *_ in self.children.values():
             if proc.is_alive():
                 proc.terminate()
         deadline = time.monotonic() + grace_s + 5
-        for proc, _, _ in self.children.values():
+        for proc, *_ in self.children.values():
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 log.warning("%s did not stop in time; killing it", proc.name)
@@ -224,14 +277,25 @@ def serve(settings: Settings) -> int:
     )
     processes = settings.receive.processes
     receiver: Receiver | None = None
+    dispatcher: AssociationDispatcher | None = None
     supervisor = _Supervisor(settings)
     try:
         if processes == 1:
             receiver = Receiver(settings, db, store, 1)
             receiver.start()
         else:
+            dispatcher = AssociationDispatcher(
+                (node.bind, node.port),
+                supervisor.ctx,
+                backlog=max(64, settings.receive.max_associations),
+            )
             for index in range(processes):
-                supervisor.start(f"receiver-{index}", _receiver_main)
+                supervisor.start(
+                    f"receiver-{index}",
+                    _receiver_main,
+                    lambda index=index: (dispatcher.attach(index),),
+                )
+            dispatcher.start()
         for index in range(settings.worker.processes):
             supervisor.start(f"worker-{index}", _worker_main)
         completion.start()
@@ -255,6 +319,8 @@ def serve(settings: Settings) -> int:
         grace = settings.receive.shutdown_grace_s
         if receiver is not None:
             receiver.stop(grace)
+        if dispatcher is not None:
+            dispatcher.stop()
         supervisor.stop(grace)
         completion.stop()
         sender_stop.set()

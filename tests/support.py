@@ -342,7 +342,7 @@ class NodeProcess:
         """SIGKILL the node and every process it started (no clean-up at all)."""
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError):
-            for child in _children(self.proc.pid):
+            for child in descendant_pids(self.proc.pid):
                 os.kill(child, signal.SIGKILL)
             self.proc.kill()
         self.proc.wait(10)
@@ -393,7 +393,7 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(extra or {}))
 
 
-def _children(pid: int) -> list[int]:
+def descendant_pids(pid: int) -> list[int]:
     """Descendant process IDs of ``pid`` (from /proc)."""
     out = []
     try:
@@ -402,7 +402,7 @@ def _children(pid: int) -> list[int]:
         return out
     for child in map(int, text.split()):
         out.append(child)
-        out += _children(child)
+        out += descendant_pids(child)
     return out
 
 

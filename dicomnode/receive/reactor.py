@@ -62,6 +62,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
 from dicomnode.receive.cstore import IncomingDataSet, decode_c_store_rq, encode_c_store_rsp
+from dicomnode.receive.dispatch import HandoffAssociationServer
 from dicomnode.storage import start_writeback
 
 log = logging.getLogger("dicomnode.receive")
@@ -104,6 +105,14 @@ def _split_pdvs(body: bytearray) -> list[tuple[int, memoryview]] | None:
 
 class EventDrivenAssociation(Association):
     """An acceptor association that blocks on its DIMSE queue instead of sleeping."""
+
+    def run_reactor(self) -> None:
+        """pynetdicom's acceptor; then, if a dispatcher fed the server, count it ended."""
+        try:
+            super().run_reactor()
+        finally:
+            if isinstance(self._server, HandoffAssociationServer):
+                self._server.association_ended()
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -467,6 +476,8 @@ class EventDrivenRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         assoc.__class__ = EventDrivenAssociation
+        # threading.Thread bound pynetdicom's run_reactor as its target in __init__.
+        assoc._target = make_target(assoc.run_reactor)  # type: ignore[attr-defined]
         EventDrivenDUL.enable(assoc.dul)  # type: ignore[arg-type]
         assoc.dimse.__class__ = FastStoreResponseDIMSE
         assoc.dul.socket.__class__ = BulkReadSocket

@@ -1,19 +1,21 @@
 """The receiving Application Entity: contexts, limits, and a graceful stop.
 
-Several receiver processes can listen on the same port (``receive.processes``):
-each binds with ``SO_REUSEPORT`` and the kernel spreads incoming associations
-across them, which sidesteps the GIL and pynetdicom's per-association polling.
+With one receiving process the :class:`Receiver` listens on the node's port
+itself. With several (``receive.processes``), the main process listens and an
+:class:`~dicomnode.receive.dispatch.AssociationDispatcher` hands each
+connection to the least busy receiving process, whose :class:`Receiver` takes
+connections from its channel; several processes sidestep the GIL.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import socket
 import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
@@ -22,6 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.config import Settings, TLSSettings
 from dicomnode.db import Database
 from dicomnode.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from dicomnode.receive.dispatch import HandoffAssociationServer, ReceiverChannel
 from dicomnode.receive.handlers import (
     ReceiveContext,
     handle_echo,
@@ -45,16 +48,6 @@ def configure_pynetdicom() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
 
 
-class ReusePortAssociationServer(ThreadedAssociationServer):
-    """A threaded association server whose socket may be shared by several processes."""
-
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     """Server-side TLS context: TLS 1.2 or newer, client certificates when a CA is set."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -70,7 +63,8 @@ def build_ae(settings: Settings, processes: int = 1) -> AE:
     """The node's AE with every supported context and the configured limits.
 
     ``maximum_associations`` is per process, so the configured total is divided
-    among ``processes``.
+    among ``processes``. The dispatcher always picks the least busy process, so
+    one refuses an association only when all are at their share.
     """
     receive = settings.receive
     ae = AE(ae_title=settings.node.ae_title)
@@ -95,9 +89,22 @@ def build_ae(settings: Settings, processes: int = 1) -> AE:
 
 
 class Receiver:
-    """One listening AE in this process."""
+    """The receiving AE of this process.
 
-    def __init__(self, settings: Settings, db: Database, store: InstanceStore, processes: int):
+    Without ``channel`` it listens on the node's port. With one, it serves the
+    connections a dispatcher passes over it, and calls ``on_channel_closed`` if
+    the dispatcher goes away.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        store: InstanceStore,
+        processes: int,
+        channel: ReceiverChannel | None = None,
+        on_channel_closed: Callable[[], None] | None = None,
+    ):
         configure_pynetdicom()
         # pynetdicom creates its chunked temporary files in tempfile's directory:
         # put them next to the storage root so the final rename is atomic.
@@ -107,6 +114,8 @@ class Receiver:
         self.ae = build_ae(settings, processes)
         self.ctx = ReceiveContext(settings=settings, db=db, store=store)
         self.processes = processes
+        self.channel = channel
+        self.on_channel_closed = on_channel_closed
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -117,16 +126,27 @@ class Receiver:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
         ]
-        server_class = ReusePortAssociationServer if self.processes > 1 else _PlainAssociationServer
         address = (self.settings.node.bind, self.settings.node.port)
         tls = self.settings.receive.tls
-        self._server = self.ae.make_server(
-            address,
-            evt_handlers=handlers,
-            server_class=server_class,
-            ssl_context=build_ssl_context(tls) if tls else None,
-            request_handler=EventDrivenRequestHandler,
-        )
+        ssl_context = build_ssl_context(tls) if tls else None
+        if self.channel is None:
+            self._server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                server_class=_PlainAssociationServer,
+                ssl_context=ssl_context,
+                request_handler=EventDrivenRequestHandler,
+            )
+        else:
+            self._server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                server_class=HandoffAssociationServer,
+                ssl_context=ssl_context,
+                request_handler=EventDrivenRequestHandler,
+                channel=self.channel,
+                on_channel_closed=self.on_channel_closed or (lambda: None),
+            )
         self.ae._servers.append(self._server)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dicomnode-acceptor", daemon=True

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import struct
 import subprocess
 import threading
@@ -17,6 +19,7 @@ from support import (
     NodeProcess,
     dataset_bytes,
     dcmtk,
+    descendant_pids,
     dicom_files,
     free_port,
     is_complete,
@@ -542,6 +545,86 @@ def test_several_receiving_processes_share_the_port(tmp_path: Path) -> None:
         assert results == [0, 0, 0, 0]
         assert node.studies()[study]["instances"] == 40
         assert node.log().count("accepting associations") == 2
+
+
+def _spawned_pids(node_pid: int) -> list[int]:
+    """The node's receiving and worker processes (not Python's resource tracker)."""
+    found = []
+    for pid in descendant_pids(node_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(pid)
+    return found
+
+
+def test_associations_are_spread_over_the_receiving_processes(tmp_path: Path) -> None:
+    """Each of 4 processes may hold 1 of the 4 allowed associations: all 4 fit only if
+    every new one goes to an idle process; the fifth is refused with A-ASSOCIATE-RJ."""
+    from pynetdicom import AE
+
+    with running_node(tmp_path, receive={"processes": 4, "max_associations": 4}) as node:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = [ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE") for _ in range(4)]
+        assert [a.is_established for a in held] == [True] * 4
+        fifth = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert fifth.is_rejected
+        held[1].release()
+        # The freed process is chosen for the next association once its thread has ended.
+        deadline = time.monotonic() + 10
+        while True:
+            again = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+            if again.is_established or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert again.is_established
+        assert again.send_c_echo().Status == 0x0000
+        for assoc in [*held, again]:
+            if assoc.is_established:
+                assoc.release()
+
+
+def test_a_killed_receiving_process_is_replaced(tmp_path: Path) -> None:
+    files = [make_instance(tmp_path / "in") for _ in range(6)]
+    with running_node(tmp_path / "node", receive={"processes": 2}) as node:
+        assert node.proc is not None
+        victim = _spawned_pids(node.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        # Associations go to the live process at once, then to its replacement too.
+        for chunk in (files[:3], files[3:]):
+            [run] = storescu(chunk, node.port)
+            assert run.returncode == 0, run.stdout + run.stderr
+        deadline = time.monotonic() + 30
+        while node.log().count("accepting associations") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "exited with code -9; restarting it" in node.log()
+        assert node.log().count("accepting associations") == 3
+        replaced = _spawned_pids(node.proc.pid)
+        assert len(replaced) == 2 and victim not in replaced
+        [run] = storescu([make_instance(tmp_path / "in")], node.port)
+        assert run.returncode == 0
+        assert sum(s["instances"] for s in node.studies().values()) == 7
+
+
+def test_children_stop_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    with running_node(tmp_path, receive={"processes": 2}, worker={"processes": 1}) as node:
+        assert node.proc is not None
+        children = descendant_pids(node.proc.pid)
+        assert len(_spawned_pids(node.proc.pid)) == 3  # two receivers and a worker
+        node.proc.kill()
+        node.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in children):
+            assert time.monotonic() < deadline, "children outlived the main process"
+            time.sleep(0.2)
+        node.proc = None
+        # Nothing listens on the port any more: a fresh start can bind it.
+        node.start()
+        [run] = storescu([make_instance(tmp_path / "in")], node.port)
+        assert run.returncode == 0
 
 
 def test_node_on_postgresql(tmp_path: Path, postgres: object) -> None:

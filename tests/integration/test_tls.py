@@ -21,14 +21,19 @@ def _echo(port: int, *tls: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_tls_with_client_certificates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_tls_with_client_certificates(tmp_path: Path, processes: int) -> None:
+    """With 2 processes, the TLS handshake happens in the receiving process the
+    connection was handed to, after refused handshakes on the same processes."""
     pki = make_pki(tmp_path / "pki")
     tls = {
         "certificate": str(pki / "server.crt"),
         "private_key": str(pki / "server.key"),
         "ca_certificates": str(pki / "ca.crt"),
     }
-    with running_node(tmp_path / "node", **{"receive.tls": tls}) as node:
+    with running_node(
+        tmp_path / "node", receive={"processes": processes}, **{"receive.tls": tls}
+    ) as node:
         client = [
             "+tls",
             str(pki / "client.key"),
