@@ -22,10 +22,13 @@ Nothing here polls:
   set in fragments (a 10 MB radiograph in 64 KiB PDUs is 160 of them). In data
   transfer, :meth:`EventDrivenDUL._take_p_data` decodes the command
   (:func:`~dicomnode.receive.cstore.decode_c_store_rq`), writes the file meta
-  header and every fragment straight to a file in the incoming directory, and
-  queues the finished request for the association thread, exactly where
-  pynetdicom's DIMSE layer would have put it. This skips PDU objects, the state
-  machine and pydicom, which cost about 0.1 ms per PDU and 0.6 ms per command.
+  header and every fragment straight to a file in the incoming directory. When
+  the data set is complete and the association thread is idle, the DUL thread
+  serves the request itself (pynetdicom's Storage SCP and our handler);
+  otherwise it queues it for the association thread, exactly where pynetdicom's
+  DIMSE layer would have put it (:class:`MessageQueue` keeps messages in order).
+  This skips PDU objects, the state machine and pydicom, which cost about 0.1 ms
+  per PDU and 0.6 ms per command, and two thread hand-offs per instance.
   Every other message (C-ECHO, a command in several fragments, anything
   unexpected) goes to pynetdicom's DIMSE layer in order.
 * :class:`FastStoreResponseDIMSE` encodes the C-STORE response's command set
@@ -48,6 +51,7 @@ import socket
 import ssl
 import struct
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +107,37 @@ def _split_pdvs(body: bytearray) -> list[tuple[int, memoryview]] | None:
     return pdvs
 
 
+class MessageQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DIMSE message queue, which also knows whether a message is being served.
+
+    A message taken from the queue is "in service" until the taker calls
+    :meth:`served`; both happen under the queue's own lock. So the DUL thread can
+    :meth:`claim` the association for a C-STORE it has just completed, and serve
+    it itself, exactly when nothing else is queued or being served: messages are
+    still served one at a time and in the order they arrived.
+    """
+
+    in_service: bool = False
+
+    def _get(self) -> Any:
+        # Called by Queue.get with self.mutex held.
+        self.in_service = True
+        return super()._get()
+
+    def claim(self) -> bool:
+        """Mark the association busy if nothing is queued or in service; True if so."""
+        with self.mutex:
+            if self.in_service or self._qsize():
+                return False
+            self.in_service = True
+            return True
+
+    def served(self) -> None:
+        """The message taken (or claimed) last has been answered."""
+        with self.mutex:
+            self.in_service = False
+
+
 class EventDrivenAssociation(Association):
     """An acceptor association that blocks on its DIMSE queue instead of sleeping."""
 
@@ -126,9 +161,27 @@ class EventDrivenAssociation(Association):
             except queue.Empty:
                 context_id, msg = None, None
             if msg is not None and context_id is not None:
-                self._serve_request(msg, context_id)
+                try:
+                    self._serve_request(msg, context_id)
+                finally:
+                    self.dimse.msg_queue.served()
             if self._ended():
                 return
+
+    def kill(self) -> None:
+        """Stop the association; from the DUL thread itself, without waiting for it.
+
+        pynetdicom's ``kill`` waits until the DUL thread has stopped, which the
+        DUL thread cannot do while it serves a request (:meth:`EventDrivenDUL._finish_incoming`).
+        """
+        if threading.current_thread() is not self.dul:
+            super().kill()
+            return
+        self._reactor_checkpoint.set()
+        self._kill = True
+        self.is_established = False
+        self._is_paused = True
+        self.dul.kill_dul()
 
     def _ended(self) -> bool:
         """Handle a release, an abort, a dead DUL or a network timeout; True when over."""
@@ -311,10 +364,25 @@ class EventDrivenDUL(DULServiceProvider):
         return True
 
     def _finish_incoming(self) -> None:
-        """The data set is complete: queue the request for the association thread."""
+        """The data set is complete: serve the request here, or queue it.
+
+        When the association thread is idle (the usual case: a sender waits for
+        each response), this thread runs pynetdicom's Storage SCP, our C-STORE
+        handler and the response itself. That saves two thread hand-offs per
+        instance, which is most of the latency between instances on one
+        association. Otherwise the request goes on the association's message
+        queue, where pynetdicom's DIMSE layer would have put it.
+        """
         incoming, self._incoming = self._incoming, None
         assert incoming is not None
-        self.assoc.dimse.msg_queue.put((incoming.context_id, incoming.primitive))
+        messages: MessageQueue = self.assoc.dimse.msg_queue  # type: ignore[assignment]
+        if not messages.claim():
+            messages.put((incoming.context_id, incoming.primitive))
+            return
+        try:
+            self.assoc._serve_request(incoming.primitive, incoming.context_id)
+        finally:
+            messages.served()
 
     def _to_dimse(self, pdvs: list[tuple[int, memoryview]]) -> None:
         """Give PDVs to pynetdicom's DIMSE layer, as its DT-2 action does."""
@@ -480,5 +548,6 @@ class EventDrivenRequestHandler(RequestHandler):
         assoc._target = make_target(assoc.run_reactor)  # type: ignore[attr-defined]
         EventDrivenDUL.enable(assoc.dul)  # type: ignore[arg-type]
         assoc.dimse.__class__ = FastStoreResponseDIMSE
+        assoc.dimse.msg_queue.__class__ = MessageQueue
         assoc.dul.socket.__class__ = BulkReadSocket
         return assoc

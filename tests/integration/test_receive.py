@@ -426,6 +426,20 @@ def _store_command(path: Path, message_id: int) -> bytes:
     return bytes(encode(message.command_set, True, True))
 
 
+def _echo_command(message_id: int) -> bytes:
+    """A C-ECHO-RQ command set, as pynetdicom encodes it."""
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+    from pynetdicom.dsutils import encode
+
+    primitive = C_ECHO()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return bytes(encode(message.command_set, True, True))
+
+
 def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> None:
     """PDVs are handled one by one, whatever PDU they share (PS3.8 9.3.5 allows several).
 
@@ -437,16 +451,17 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
     """
     from pynetdicom import AE
 
-    files = [make_instance(tmp_path / "in") for _ in range(5)]
+    files = [make_instance(tmp_path / "in") for _ in range(6)]
     data = [dataset_bytes(path) for path in files]
     context_syntax = "1.2.840.10008.1.2.1"  # make_instance writes explicit VR little endian
     with running_node(tmp_path / "node") as node:
         ae = AE(ae_title="STORESCU")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [context_syntax])
+        ae.add_requested_context("1.2.840.10008.1.1", [context_syntax])
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
         assert assoc.is_established
-        [cx] = assoc.accepted_contexts
-        cid = cx.context_id
+        contexts = {cx.abstract_syntax: cx.context_id for cx in assoc.accepted_contexts}
+        cid = contexts["1.2.840.10008.5.1.4.1.1.2"]
         send = assoc.dul.socket.send  # raw PDUs, past pynetdicom's own fragmentation
         # Hold pynetdicom's requestor reactor, as its own send_c_store() does, so that
         # it does not take the responses off the DIMSE queue first.
@@ -477,6 +492,16 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
         _, response = assoc.dimse.get_msg(block=True)
         assert response is not None, "no C-STORE response"
         assert (int(response.MessageIDBeingRespondedTo), int(response.Status)) == (5, 0x0000)
+        # A C-ECHO (pynetdicom's DIMSE layer, the association thread) right before a
+        # C-STORE (direct path): answered in the order they were sent.
+        send(_p_data_tf((contexts["1.2.840.10008.1.1"], 0x03, _echo_command(6))))
+        send(_p_data_tf((cid, 0x03, _store_command(files[5], 7)), (cid, 0x02, data[5])))
+        answered = []
+        for _ in range(2):
+            _, response = assoc.dimse.get_msg(block=True)
+            assert response is not None, "no response"
+            answered.append((int(response.MessageIDBeingRespondedTo), int(response.Status)))
+        assert answered == [(6, 0x0000), (7, 0x0000)]
         assoc._reactor_checkpoint.set()
         # A command where the rest of a data set should be: the node aborts.
         send(_p_data_tf((cid, 0x03, _store_command(files[2], 3)), (cid, 0x00, data[2][:100])))
@@ -488,16 +513,16 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
         assert "aborting association: a PDV" in node.log()
 
         stored = _by_sop_instance(node.data_dir / "instances")
-        for i in (0, 1, 4):
+        for i in (0, 1, 4, 5):
             uid = str(dcmread(files[i], stop_before_pixels=True).SOPInstanceUID)
             assert dataset_bytes(stored[uid]) == data[i]
-        assert len(stored) == 3
+        assert len(stored) == 4
         assert (node.data_dir / "incoming").is_dir()
         incoming = [p for p in (node.data_dir / "incoming").rglob("*") if p.is_file()]
         assert incoming == []
         [run] = storescu(files[2:4], node.port)  # still serving
         assert run.returncode == 0, run.stdout + run.stderr
-        assert len(_by_sop_instance(node.data_dir / "instances")) == 5
+        assert len(_by_sop_instance(node.data_dir / "instances")) == 6
 
 
 def test_logs_carry_no_patient_names_or_ids(tmp_path: Path) -> None:

@@ -184,3 +184,18 @@ def test_file_meta_header_equals_pydicoms(syntax: str) -> None:
         ),
     )
     assert file_meta_header(sop_class, sop_instance, syntax) == buffer.getvalue()
+
+
+def test_message_queue_lets_the_dul_serve_only_when_the_association_is_idle() -> None:
+    from dicomnode.receive.reactor import MessageQueue
+
+    messages = MessageQueue()
+    assert messages.claim()  # idle: the DUL thread may serve a C-STORE itself
+    assert not messages.claim()  # ... and nobody else may until it has answered
+    messages.served()
+    messages.put((1, "C-ECHO-RQ"))
+    assert not messages.claim()  # a queued message must be answered first
+    assert messages.get_nowait() == (1, "C-ECHO-RQ")
+    assert not messages.claim()  # taken but not yet answered: still in service
+    messages.served()
+    assert messages.claim()
