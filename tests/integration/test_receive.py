@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -634,6 +635,15 @@ def test_a_killed_receiving_process_is_replaced(tmp_path: Path) -> None:
         assert sum(s["instances"] for s in node.studies().values()) == 7
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_children_stop_when_the_main_process_is_killed(tmp_path: Path) -> None:
     with running_node(tmp_path, receive={"processes": 2}, worker={"processes": 1}) as node:
         assert node.proc is not None
@@ -641,11 +651,16 @@ def test_children_stop_when_the_main_process_is_killed(tmp_path: Path) -> None:
         assert len(_spawned_pids(node.proc.pid)) == 3  # two receivers and a worker
         node.proc.kill()
         node.proc.wait(10)
-        deadline = time.monotonic() + 30
-        while any(Path(f"/proc/{pid}").exists() for pid in children):
-            assert time.monotonic() < deadline, "children outlived the main process"
-            time.sleep(0.2)
         node.proc = None
+        deadline = time.monotonic() + 30
+        try:
+            while any(_running(pid) for pid in children):
+                assert time.monotonic() < deadline, "children outlived the main process"
+                time.sleep(0.2)
+        finally:
+            for pid in children:  # leave no strays behind if the assertion failed
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         # Nothing listens on the port any more: a fresh start can bind it.
         node.start()
         [run] = storescu([make_instance(tmp_path / "in")], node.port)
