@@ -49,8 +49,15 @@ from dicomnode.worker import Worker
 
 log = logging.getLogger("dicomnode.serve")
 
-#: What a child's entry point gets besides the settings, its index and its ready event.
-_ExtraArgs = Callable[[], tuple[Any, ...]]
+#: Makes, at each (re)start of a child, what its entry point gets besides the settings,
+#: its index and its ready event, and what to call once the child has started (to
+#: close the parent's copies of what it passed), or None.
+_ExtraArgs = Callable[[], tuple[tuple[Any, ...], Callable[[], None] | None]]
+
+
+def _no_extra_args() -> tuple[tuple[Any, ...], None]:
+    return (), None
+
 
 #: prctl option: the signal a child gets when its parent dies (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
@@ -114,6 +121,20 @@ def _stop_with_parent() -> None:
     parent = multiprocessing.parent_process()
     if parent is not None and os.getppid() != parent.pid:
         os.kill(os.getpid(), signal.SIGTERM)  # the parent died before prctl took effect
+
+
+def _channel_for(dispatcher: AssociationDispatcher, index: int) -> _ExtraArgs:
+    """Extra arguments of receiver ``index``: a fresh channel from the dispatcher.
+
+    Once the child has its end, the main process closes its own copy of it, so
+    that the dispatcher sees a broken channel as soon as the child dies.
+    """
+
+    def make() -> tuple[tuple[Any, ...], Callable[[], None]]:
+        channel = dispatcher.attach(index)
+        return (channel,), channel.close
+
+    return make
 
 
 def _receiver_main(settings: Settings, index: int, ready: Any, channel: ReceiverChannel) -> None:
@@ -190,30 +211,29 @@ class _Supervisor:
         self,
         name: str,
         target: Callable[..., None],
-        extra_args: _ExtraArgs = tuple,
+        extra_args: _ExtraArgs = _no_extra_args,
         timeout_s: float = 120,
     ) -> None:
         """Start child ``name`` running ``target`` and wait until it says it is ready.
 
-        ``target`` gets the settings, the child's index, its ready event, and what
-        ``extra_args()`` returns (called again at each restart). A
-        :class:`ReceiverChannel` among those is closed here once the child has its own.
+        ``target`` gets the settings, the child's index, its ready event, and the
+        arguments ``extra_args()`` makes (called again at each restart).
         """
         ready = self.ctx.Event()
         index = int(name.rsplit("-", 1)[1])
-        extra = extra_args()
+        extra, after_start = extra_args()
         proc = self.ctx.Process(
             target=target, args=(self.settings, index, ready, *extra), name=name, daemon=False
         )
         proc.start()
+        # The child has its own copies of any descriptors passed to it now.
+        if after_start is not None:
+            after_start()
         self.children[name] = (proc, time.monotonic(), target, extra_args)
         deadline = time.monotonic() + timeout_s
         while not ready.wait(0.1):
             if not proc.is_alive() or time.monotonic() > deadline:
                 raise DicomNodeError(f"{name} failed to start (exit code {proc.exitcode})")
-        for arg in extra:
-            if isinstance(arg, ReceiverChannel):
-                arg.close()
 
     def check(self) -> None:
         """Restart children that died; give up after repeated failed starts."""
@@ -291,9 +311,7 @@ def serve(settings: Settings) -> int:
             )
             for index in range(processes):
                 supervisor.start(
-                    f"receiver-{index}",
-                    _receiver_main,
-                    lambda index=index: (dispatcher.attach(index),),
+                    f"receiver-{index}", _receiver_main, _channel_for(dispatcher, index)
                 )
             dispatcher.start()
         for index in range(settings.worker.processes):

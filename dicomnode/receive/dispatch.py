@@ -213,23 +213,25 @@ class HandoffAssociationServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """The next connection the dispatcher passed (wrapped in TLS when configured)."""
-        _message, fds, _flags, _address = socket.recv_fds(self.socket, len(_HANDOFF), 1)
+        message, fds, _flags, _address = socket.recv_fds(self.socket, len(_HANDOFF), 1)
         if not fds:
+            if message:
+                raise OSError(f"dispatcher message without a connection: {message!r}")
             # The dispatcher's end is closed: the main process stopped or died.
             self._on_channel_closed()
             time.sleep(0.1)  # the listening loop is being shut down; do not spin
             raise OSError("the dispatcher closed the channel")
         connection = socket.socket(fileno=fds[0])
-        address = connection.getpeername()[:2]
-        if self.ssl_context:
-            try:
+        try:
+            address = connection.getpeername()[:2]
+            if self.ssl_context:
                 connection = self.ssl_context.wrap_socket(connection, server_side=True)
-            except OSError:
-                # A failed handshake never becomes an association (socketserver logs
-                # nothing for it, as with pynetdicom's own accept).
-                connection.close()
-                self.association_ended()
-                raise
+        except OSError:
+            # The peer left, or its TLS handshake failed: no association will start,
+            # so none will end (socketserver logs nothing, as with pynetdicom's accept).
+            connection.close()
+            self.association_ended()
+            raise
         return connection, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:

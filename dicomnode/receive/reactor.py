@@ -141,6 +141,13 @@ class MessageQueue(queue.Queue):  # type: ignore[type-arg]
 class EventDrivenAssociation(Association):
     """An acceptor association that blocks on its DIMSE queue instead of sleeping."""
 
+    def enable(self) -> None:
+        """Turn a pynetdicom acceptor (not started yet) into this class."""
+        self.__class__ = EventDrivenAssociation
+        # threading.Thread bound pynetdicom's run_reactor as its target in __init__.
+        self._target = make_target(self.run_reactor)
+        self.dimse.msg_queue.__class__ = MessageQueue
+
     def run_reactor(self) -> None:
         """pynetdicom's acceptor; then, if a dispatcher fed the server, count it ended."""
         try:
@@ -543,11 +550,8 @@ class EventDrivenRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.__class__ = EventDrivenAssociation
-        # threading.Thread bound pynetdicom's run_reactor as its target in __init__.
-        assoc._target = make_target(assoc.run_reactor)  # type: ignore[attr-defined]
+        EventDrivenAssociation.enable(assoc)  # type: ignore[arg-type]
         EventDrivenDUL.enable(assoc.dul)  # type: ignore[arg-type]
         assoc.dimse.__class__ = FastStoreResponseDIMSE
-        assoc.dimse.msg_queue.__class__ = MessageQueue
         assoc.dul.socket.__class__ = BulkReadSocket
         return assoc

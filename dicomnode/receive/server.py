@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
@@ -129,34 +130,29 @@ class Receiver:
         address = (self.settings.node.bind, self.settings.node.port)
         tls = self.settings.receive.tls
         ssl_context = build_ssl_context(tls) if tls else None
-        if self.channel is None:
-            self._server = self.ae.make_server(
-                address,
-                evt_handlers=handlers,
-                server_class=_PlainAssociationServer,
-                ssl_context=ssl_context,
-                request_handler=EventDrivenRequestHandler,
-            )
-        else:
-            self._server = self.ae.make_server(
-                address,
-                evt_handlers=handlers,
-                server_class=HandoffAssociationServer,
-                ssl_context=ssl_context,
-                request_handler=EventDrivenRequestHandler,
-                channel=self.channel,
-                on_channel_closed=self.on_channel_closed or (lambda: None),
-            )
+        # Without a channel the server listens on the port; with one it takes the
+        # connections a dispatcher passes over it.
+        serving: dict[str, Any] = (
+            {"server_class": _PlainAssociationServer}
+            if self.channel is None
+            else {
+                "server_class": HandoffAssociationServer,
+                "channel": self.channel,
+                "on_channel_closed": self.on_channel_closed or (lambda: None),
+            }
+        )
+        self._server = self.ae.make_server(
+            address,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            request_handler=EventDrivenRequestHandler,
+            **serving,
+        )
         self.ae._servers.append(self._server)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dicomnode-acceptor", daemon=True
         )
         self._thread.start()
-
-    @property
-    def active_associations(self) -> int:
-        """Associations in progress in this process."""
-        return len(self._server.active_associations) if self._server else 0
 
     def stop(self, grace_s: float) -> None:
         """Stop accepting, let in-flight associations finish (up to ``grace_s``), then abort."""

@@ -89,3 +89,36 @@ def test_the_accepting_thread_hands_over_real_tcp_connections(
     with pytest.raises(OSError):
         socket.create_connection(dispatcher.address, timeout=5)
     assert channels[0].socket.recv(1) == b""
+
+
+def test_a_connection_gone_before_its_association_counts_as_ended(
+    dispatcher: AssociationDispatcher,
+) -> None:
+    """What the receiving process does with a handed-over socket that is already dead,
+    and with a channel the dispatcher has closed."""
+    from pynetdicom import AE
+
+    from dicomnode.receive.dispatch import HandoffAssociationServer
+
+    channel = dispatcher.attach(0)
+    closed: list[bool] = []
+    ae = AE()
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.make_server(
+        ("127.0.0.1", 0),
+        server_class=HandoffAssociationServer,
+        channel=channel,
+        on_channel_closed=lambda: closed.append(True),
+    )
+    try:
+        assert dispatcher.hand_over(socket.socket()) == 0  # never connected: no peer
+        assert dispatcher.in_progress() == {0: 1}
+        with pytest.raises(OSError):
+            server.get_request()
+        assert dispatcher.in_progress() == {0: 0}  # no association will ever end it
+        dispatcher.stop()
+        with pytest.raises(OSError, match="closed the channel"):
+            server.get_request()
+        assert closed == [True]
+    finally:
+        server.server_close()
