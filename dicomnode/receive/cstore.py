@@ -15,16 +15,24 @@ header is explicit VR little endian (PS3.10 7.1).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import itertools
+import logging
+import mmap
 import os
 import struct
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
+
+from dicomnode.storage import start_writeback
 
 #: Command Field values (PS3.7 E.1).
 C_STORE_RQ = 0x0001
@@ -182,32 +190,113 @@ def file_meta_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_
 
 _serial = itertools.count()
 
+#: Bytes gathered in memory before they are written out (a multiple of the
+#: page size, so that every chunk after the first starts page-aligned).
+STAGING_BYTES = 1 << 20
+#: Offsets and lengths of direct (``O_DIRECT``) writes are multiples of this.
+_DIRECT_ALIGNMENT = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_chunk_pool: ThreadPoolExecutor | None = None
+_chunk_pool_lock = threading.Lock()
+
+log = logging.getLogger("dicomnode.receive")
+
+
+def _chunk_writer() -> ThreadPoolExecutor:
+    """The threads that write data set chunks while the next one is received."""
+    global _chunk_pool
+    with _chunk_pool_lock:  # created on first use: safe across fork and spawn
+        if _chunk_pool is None:
+            _chunk_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dicomnode-chunk")
+        return _chunk_pool
+
 
 def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
-@dataclass
-class IncomingDataSet:
-    """A C-STORE data set being received into a file in the incoming directory."""
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (a write may take only part)."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
 
-    context_id: int
-    primitive: C_STORE
-    file: BinaryIO
-    path: Path
-    unsynced: int = 0
-    """Bytes written since the last writeback hint."""
+
+class StagingBuffers:
+    """Two page-aligned buffers, reused for every data set of one association.
+
+    Anonymous ``mmap`` memory is page-aligned, as direct I/O needs. One buffer
+    fills from the network while the other is written to disk.
+    """
+
+    def __init__(self, size: int = STAGING_BYTES) -> None:
+        self.buffers = (mmap.mmap(-1, size), mmap.mmap(-1, size))
+        self.size = size
+
+    def close(self) -> None:
+        """Release the memory."""
+        for buffer in self.buffers:
+            # A view still held somewhere keeps it alive; it is freed with the view.
+            with contextlib.suppress(BufferError):
+                buffer.close()
+
+
+class IncomingDataSet:
+    """A C-STORE data set being received into a file in the incoming directory.
+
+    The bytes gather in a staging buffer of :data:`STAGING_BYTES`. The first
+    buffer-full (the file meta and the data set's header, or all of a
+    CT-size instance) is written through the page cache, where the C-STORE
+    handler reads the header back; the kernel is asked to start writing it
+    to disk at once. Each further buffer-full of a large data set (a
+    radiograph) is written with ``O_DIRECT`` by a helper thread while the
+    next one is received: the disk gets it straight from the buffer, without
+    a copy into the page cache. The end of the data set goes through the page
+    cache again. The handler's ``fsync`` then makes all of it durable, as
+    before. Where the file system refuses direct I/O, every write goes
+    through the page cache.
+    """
+
+    def __init__(
+        self,
+        context_id: int,
+        primitive: C_STORE,
+        file: BinaryIO,
+        path: Path,
+        staging: StagingBuffers,
+    ) -> None:
+        self.context_id = context_id
+        self.primitive = primitive
+        self.file = file
+        self.path = path
+        self._staging = staging
+        self._current = 0
+        """Index of the buffer being filled."""
+        self._filled = 0
+        self._offset = 0
+        """File offset where the buffer being filled starts."""
+        self._direct_fd: int | None = None
+        self._direct_tried = False
+        self._in_flight: Future[None] | None = None
+        self.size = 0
+        """Bytes received so far, file meta included."""
 
     @classmethod
     def open(
-        cls, directory: Path, context_id: int, primitive: C_STORE, transfer_syntax_uid: str
+        cls,
+        directory: Path,
+        context_id: int,
+        primitive: C_STORE,
+        transfer_syntax_uid: str,
+        staging: StagingBuffers,
     ) -> IncomingDataSet:
-        """Create the file and write its file meta header."""
+        """Create the file and stage its file meta header."""
         path = directory / f"{os.getpid()}-{next(_serial)}.dcm.part"
         # Exclusive, private, unbuffered; its ``name`` is the path, which pynetdicom
         # deletes after the handler (it is gone by then, renamed into storage).
         handle = open(path, "xb", buffering=0, opener=_private)  # noqa: SIM115
-        incoming = cls(context_id, primitive, handle, path)
+        incoming = cls(context_id, primitive, handle, path, staging)
         incoming.write(
             file_meta_header(
                 str(primitive.AffectedSOPClassUID),
@@ -222,16 +311,113 @@ class IncomingDataSet:
         return incoming
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append ``data`` in full (an unbuffered write may take only part)."""
+        """Append ``data``; full buffers go to disk."""
         view = memoryview(data)
+        size = self._staging.size
         while view:
-            written = self.file.write(view)
-            if written is None:  # pragma: no cover - blocking files always report
-                raise OSError(f"write to {self.path} returned nothing")
-            view = view[written:]
-        self.unsynced += len(data)
+            buffer = self._staging.buffers[self._current]
+            count = min(len(view), size - self._filled)
+            buffer[self._filled : self._filled + count] = view[:count]
+            self._filled += count
+            self.size += count
+            view = view[count:]
+            if self._filled == size:
+                self._write_out_full()
+
+    def receive(self, read_into: Callable[[memoryview], int], count: int) -> bool:
+        """Append ``count`` bytes that ``read_into`` reads straight into the buffer.
+
+        ``read_into(view)`` fills ``view`` and returns how many bytes it filled;
+        fewer than asked means the connection ended, and this returns False.
+        """
+        size = self._staging.size
+        while count:
+            wanted = min(count, size - self._filled)
+            view = memoryview(self._staging.buffers[self._current])
+            try:
+                got = read_into(view[self._filled : self._filled + wanted])
+            finally:
+                view.release()
+            self._filled += got
+            self.size += got
+            count -= got
+            if got < wanted:
+                return False
+            if self._filled == size:
+                self._write_out_full()
+        return True
+
+    def _write_out_full(self) -> None:
+        """The buffer being filled is full: write it, and fill the other one meanwhile."""
+        buffer = memoryview(self._staging.buffers[self._current])
+        direct = self._offset > 0 and self._open_direct()
+        self._wait()
+        if direct:
+            assert self._direct_fd is not None
+            self._in_flight = _chunk_writer().submit(
+                self._write_direct, self._direct_fd, buffer, self._offset
+            )
+            self._current = 1 - self._current
+        else:
+            _pwrite_all(self.file.fileno(), buffer, self._offset)
+            start_writeback(self.file.fileno())
+        self._offset += self._staging.size
+        self._filled = 0
+
+    def _open_direct(self) -> bool:
+        """A second descriptor of the file for direct I/O; False where there is none."""
+        if not self._direct_tried:
+            self._direct_tried = True
+            if _O_DIRECT:
+                try:
+                    self._direct_fd = os.open(self.path, os.O_WRONLY | _O_DIRECT)
+                except OSError as exc:
+                    log.debug(
+                        "no direct I/O in %s (%s): writing through the page cache",
+                        self.path.parent,
+                        exc,
+                    )
+        return self._direct_fd is not None
+
+    def _write_direct(self, fd: int, data: memoryview, offset: int) -> None:
+        """One aligned chunk with direct I/O; through the page cache if refused."""
+        try:
+            _pwrite_all(fd, data, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Some file systems accept O_DIRECT when opening and refuse the write.
+            _pwrite_all(self.file.fileno(), data, offset)
+
+    def _wait(self) -> None:
+        """Wait for the chunk being written (its error, if any, is raised here)."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def finish(self) -> None:
+        """Write what is left in the buffer; the file then holds the whole data set."""
+        self._wait()
+        rest = memoryview(self._staging.buffers[self._current])[: self._filled]
+        aligned = len(rest) - len(rest) % _DIRECT_ALIGNMENT if self._offset > 0 else 0
+        if aligned and self._open_direct():
+            assert self._direct_fd is not None
+            self._write_direct(self._direct_fd, rest[:aligned], self._offset)
+        else:
+            aligned = 0
+        _pwrite_all(self.file.fileno(), rest[aligned:], self._offset + aligned)
+        self._filled = 0
+        self._close_direct()
+
+    def _close_direct(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
     def discard(self) -> None:
         """Close and delete the file (the association ended before the data set did)."""
+        with contextlib.suppress(Exception):
+            self._wait()
+        self._close_direct()
         self.file.close()
         self.path.unlink(missing_ok=True)

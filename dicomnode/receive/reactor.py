@@ -65,9 +65,13 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
-from dicomnode.receive.cstore import IncomingDataSet, decode_c_store_rq, encode_c_store_rsp
+from dicomnode.receive.cstore import (
+    IncomingDataSet,
+    StagingBuffers,
+    decode_c_store_rq,
+    encode_c_store_rsp,
+)
 from dicomnode.receive.dispatch import HandoffAssociationServer
-from dicomnode.storage import start_writeback
 
 log = logging.getLogger("dicomnode.receive")
 
@@ -79,9 +83,6 @@ _PDU_TYPES = frozenset(range(0x01, 0x08))
 _P_DATA_TF = 0x04
 #: Bytes asked of the kernel per read (a few 64 KiB PDUs at a time).
 _READ_AHEAD = 256 * 1024
-#: Received bytes after which the kernel is told to start writing the data set
-#: file back, so that the final fsync finds most of it on disk already.
-_WRITEBACK_BYTES = 256 * 1024
 #: Longest the DUL sleeps in ``select`` without a wake-up, to look at its ARTIM
 #: timer and kill flag (both also arrive with a wake-up; this is a safety net).
 _DUL_WAIT_S = 0.05
@@ -231,6 +232,8 @@ class EventDrivenDUL(DULServiceProvider):
     _wake_writer: socket.socket
     #: The C-STORE data set being received on the direct path, if any.
     _incoming: IncomingDataSet | None
+    #: Its buffers, made for the first data set and kept for the association.
+    _staging: StagingBuffers | None
 
     def enable(self) -> None:
         """Turn a pynetdicom DUL (not started yet) into this class."""
@@ -238,6 +241,7 @@ class EventDrivenDUL(DULServiceProvider):
         # threading.Thread bound pynetdicom's run_reactor as its target in __init__.
         self._target = make_target(self.run_reactor)
         self._incoming = None
+        self._staging = None
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
@@ -264,6 +268,8 @@ class EventDrivenDUL(DULServiceProvider):
         """
         sock = self.socket
         assert isinstance(sock, BulkReadSocket)
+        if self._incoming is not None and self._receive_fragments(sock):
+            return
         while True:
             try:
                 header = sock.recv(6)
@@ -303,6 +309,83 @@ class EventDrivenDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _receive_fragments(self, sock: BulkReadSocket) -> bool:
+        """Read the data set's next fragments straight into its staging buffer.
+
+        For each P-DATA-TF that holds one PDV continuing the data set being
+        received, the PDU and PDV headers (12 bytes) are read on their own and
+        the fragment goes from the connection into the buffer in one copy
+        (the general path reads ahead, copies each PDU into a body, then into the
+        buffer). Continues while more is readable and nothing waits to be
+        sent. Returns False, with the header put back, when the next PDU is
+        anything else: the general path then reads it.
+        """
+        if (
+            self.state_machine.current_state != "Sta6"
+            or not self.event_queue.empty()
+            or not self._recv_pdu.empty()
+            or self._listened()
+        ):
+            return False
+        lost: list[BaseException] = []
+
+        def read_into(view: memoryview) -> int:
+            try:
+                return sock.recv_into_exact(view)
+            except (OSError, TimeoutError) as exc:
+                lost.append(exc)
+                return 0
+
+        def read_into_header(header: bytearray, size: int) -> bool:
+            """Extend ``header`` to ``size`` bytes; False if the connection ended."""
+            start = len(header)
+            header.extend(bytes(size - start))
+            with memoryview(header) as view:
+                got = read_into(view[start:])
+            del header[start + got :]
+            return len(header) == size
+
+        incoming = self._incoming
+        while incoming is not None:
+            # The PDU header alone first: an A-ABORT or A-RELEASE-RQ is shorter
+            # than the 12 bytes that a P-DATA-TF's two headers take.
+            header = bytearray()
+            if read_into_header(header, 6) and header[0] == _P_DATA_TF:
+                (pdu_length,) = struct.unpack_from(">L", header, 2)
+                if pdu_length >= 6 and not read_into_header(header, 12):
+                    pdu_length = 0
+            else:
+                pdu_length = 0
+            if lost:
+                log.error("connection lost while reading a PDU: %s", lost[0])
+                self.event_queue.put("Evt17")
+                return True
+            item_length, context_id, control = (
+                struct.unpack_from(">LBB", header, 6) if len(header) == 12 else (0, 0, 0)
+            )
+            if not (
+                pdu_length == item_length + 4
+                and item_length >= 2
+                and context_id == incoming.context_id
+                and not control & 0b01
+            ):
+                # Anything else, or a connection closed early: the general path reads it.
+                sock.unread(header)
+                return False
+            if not incoming.receive(read_into, item_length - 2):
+                if lost:
+                    log.error("connection lost while reading a PDU: %s", lost[0])
+                else:
+                    log.error("connection closed inside a PDU of %d bytes", pdu_length)
+                self.event_queue.put("Evt17")
+                return True
+            if control & 0b10:
+                self._finish_incoming()
+            incoming = self._incoming
+            if self._kill_thread or not self.to_provider_queue.empty() or not sock.ready:
+                break
+        return True
 
     def _listened(self) -> bool:
         """Whether anyone listens to the events the direct path does not raise."""
@@ -351,9 +434,6 @@ class EventDrivenDUL(DULServiceProvider):
                 incoming.write(pdv[1:])
                 if control & 0b10:
                     self._finish_incoming()
-                elif incoming.unsynced >= _WRITEBACK_BYTES:
-                    start_writeback(incoming.file.fileno())
-                    incoming.unsynced = 0
             elif control != 0b11 or not self._start_incoming(context_id, pdv[1:]):
                 self._to_dimse(pdvs[index:])
                 return True
@@ -365,8 +445,14 @@ class EventDrivenDUL(DULServiceProvider):
         primitive = decode_c_store_rq(command) if context is not None else None
         if context is None or primitive is None:
             return False
+        if self._staging is None:
+            self._staging = StagingBuffers()
         self._incoming = IncomingDataSet.open(
-            Path(tempfile.gettempdir()), context_id, primitive, str(context.transfer_syntax[0])
+            Path(tempfile.gettempdir()),
+            context_id,
+            primitive,
+            str(context.transfer_syntax[0]),
+            self._staging,
         )
         return True
 
@@ -380,8 +466,9 @@ class EventDrivenDUL(DULServiceProvider):
         association. Otherwise the request goes on the association's message
         queue, where pynetdicom's DIMSE layer would have put it.
         """
+        assert self._incoming is not None
+        self._incoming.finish()  # on failure, run_reactor discards it
         incoming, self._incoming = self._incoming, None
-        assert incoming is not None
         messages: MessageQueue = self.assoc.dimse.msg_queue  # type: ignore[assignment]
         if not messages.claim():
             messages.put((incoming.context_id, incoming.primitive))
@@ -454,6 +541,9 @@ class EventDrivenDUL(DULServiceProvider):
             if self._incoming is not None:  # the association ended inside a data set
                 self._incoming.discard()
                 self._incoming = None
+            if self._staging is not None:
+                self._staging.close()
+                self._staging = None
             self._wake_reader.close()
             self._wake_writer.close()
 
@@ -511,6 +601,34 @@ class BulkReadSocket(AssociationSocket):
     def ready(self) -> bool:  # type: ignore[override]
         """Whether a read would return data at once (buffered bytes count)."""
         return self.buffered() > 0 or AssociationSocket.ready.fget(self)  # type: ignore[attr-defined]
+
+    def recv_into_exact(self, view: memoryview) -> int:
+        """Fill ``view``: bytes read ahead first, then straight from the connection.
+
+        Returns how many bytes it filled (fewer only if the peer closed the
+        connection).
+        """
+        filled = 0
+        pending = self.__dict__.get("_pending")
+        if pending:
+            filled = min(len(pending), len(view))
+            view[:filled] = pending[:filled]
+            del pending[:filled]
+        conn = self.socket
+        assert conn is not None
+        while filled < len(view):
+            count = conn.recv_into(view[filled:], len(view) - filled)
+            if count == 0:
+                break
+            filled += count
+        return filled
+
+    def unread(self, data: bytes | bytearray) -> None:
+        """Put ``data`` back in front of the bytes read ahead."""
+        if "_pending" not in self.__dict__:
+            self._pending = bytearray()
+            self._scratch = bytearray(_READ_AHEAD)
+        self._pending[:0] = data
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only if the peer closed the connection)."""

@@ -526,6 +526,69 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
         assert len(_by_sop_instance(node.data_dir / "instances")) == 6
 
 
+def test_a_large_data_set_in_uneven_pdus_and_an_abort_inside_the_next(tmp_path: Path) -> None:
+    """Data set fragments are read straight into the staging buffer and written in chunks
+    (the later ones with direct I/O): a 4 MiB instance sent in P-DATA-TF PDUs of uneven
+    sizes, several crossing a chunk boundary, is stored byte-identical. Then an A-ABORT
+    (10 bytes, shorter than the headers of a P-DATA-TF) arrives in the middle of the next
+    data set: the node ends the association at once, removes the partial file and keeps
+    serving."""
+    from pynetdicom import AE
+
+    from dicomnode.receive.cstore import STAGING_BYTES
+
+    files = [make_instance(tmp_path / "in", rows=1024, columns=2048) for _ in range(2)]
+    data = [dataset_bytes(path) for path in files]
+    assert len(data[0]) > 3 * STAGING_BYTES
+    context_syntax = "1.2.840.10008.1.2.1"
+    with running_node(tmp_path / "node") as node:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [context_syntax])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", max_pdu=0)
+        assert assoc.is_established
+        cid = assoc.accepted_contexts[0].context_id
+        send = assoc.dul.socket.send
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        send(_p_data_tf((cid, 0x03, _store_command(files[0], 1))))
+        offset, sizes = 0, [65_530, 1, 333_333, 4096, 7, 1_000_000]
+        for i in range(len(data[0])):
+            piece = data[0][offset : offset + sizes[i % len(sizes)]]
+            offset += len(piece)
+            if not piece:
+                break
+            send(_p_data_tf((cid, 0x02 if offset == len(data[0]) else 0x00, piece)))
+        _, response = assoc.dimse.get_msg(block=True)
+        assert response is not None, "no C-STORE response"
+        assert (int(response.MessageIDBeingRespondedTo), int(response.Status)) == (1, 0x0000)
+        stored = _by_sop_instance(node.data_dir / "instances")
+        uid = str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+        assert dataset_bytes(stored[uid]) == data[0]
+
+        send(_p_data_tf((cid, 0x03, _store_command(files[1], 2))))
+        send(_p_data_tf((cid, 0x00, data[1][: STAGING_BYTES + 5000])))
+        incoming_dir = node.data_dir / "incoming"
+        deadline = time.monotonic() + 10
+        while not any(p.is_file() for p in incoming_dir.rglob("*")):
+            assert time.monotonic() < deadline, "the partial data set never reached the disk"
+            time.sleep(0.01)
+        # A-ABORT (PS3.8 9.3.8): type 0x07, length 4, reserved, source 0 (service user), reason 0.
+        send(struct.pack(">BBLBBBB", 0x07, 0x00, 4, 0, 0, 0, 0))
+        deadline = time.monotonic() + 5
+        while any(p.is_file() for p in incoming_dir.rglob("*")):
+            assert time.monotonic() < deadline, "the partial file is still there after the abort"
+            time.sleep(0.01)
+        assoc._reactor_checkpoint.set()
+        assoc.abort()
+        assert len(_by_sop_instance(node.data_dir / "instances")) == 1
+        [run] = storescu(files[1:], node.port)  # still serving
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert len(_by_sop_instance(node.data_dir / "instances")) == 2
+        assert " ERROR " not in node.log()
+
+
 def test_logs_carry_no_patient_names_or_ids(tmp_path: Path) -> None:
     with running_node(tmp_path / "node", node={"log_level": "DEBUG"}) as node:
         study = generate_uid()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -15,7 +16,14 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from dicomnode.receive.cstore import decode_c_store_rq, encode_c_store_rsp, file_meta_header
+from dicomnode.receive import cstore
+from dicomnode.receive.cstore import (
+    IncomingDataSet,
+    StagingBuffers,
+    decode_c_store_rq,
+    encode_c_store_rsp,
+    file_meta_header,
+)
 from dicomnode.receive.reactor import _READ_AHEAD, BulkReadSocket
 from dicomnode.storage import _SYNC_FILE_RANGE, fsync_file, start_writeback
 
@@ -110,6 +118,146 @@ def test_writeback_hint_is_available_on_linux_and_harmless(tmp_path: Path) -> No
         assert _SYNC_FILE_RANGE is not None
     assert fsync_file(path) == len(data)
     assert path.read_bytes() == data
+
+
+_SOP_CLASS, _SOP_INSTANCE, _SYNTAX = "1.2.840.10008.5.1.4.1.1.1", "1.2.3.44", "1.2.840.10008.1.2.1"
+#: A small staging buffer, so that a few hundred KiB make several chunks.
+_CHUNK = 16 * 4096
+
+
+def _open_incoming(directory: Path, staging: StagingBuffers) -> IncomingDataSet:
+    primitive = C_STORE()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = _SOP_CLASS
+    primitive.AffectedSOPInstanceUID = _SOP_INSTANCE
+    return IncomingDataSet.open(directory, 1, primitive, _SYNTAX, staging)
+
+
+def _direct_io_works(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+    return hasattr(os, "O_DIRECT")
+
+
+def _feed(incoming: IncomingDataSet, data: bytes) -> None:
+    """Pieces of awkward sizes, alternately copied in and read straight into the buffer."""
+    sizes = [1, 999, 70_000, 4096, 33_333, _CHUNK]
+    offset = 0
+    for i in range(len(data)):
+        piece = data[offset : offset + sizes[i % len(sizes)]]
+        if not piece:
+            break
+        if i % 2:
+            incoming.write(piece)
+        else:
+            source = BytesIO(piece)
+            assert incoming.receive(source.readinto, len(piece))
+        offset += len(piece)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-io", "page-cache-only"])
+def test_a_staged_data_set_is_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Chunks after the first go to disk with O_DIRECT where the file system allows it;
+    the file holds exactly the file meta header and the data set either way."""
+    if not direct:
+        monkeypatch.setattr(cstore, "_O_DIRECT", 0)
+    direct_chunks = []
+    write_direct = IncomingDataSet._write_direct
+
+    def counted(self: IncomingDataSet, fd: int, data: memoryview, offset: int) -> None:
+        direct_chunks.append((offset, len(data)))
+        write_direct(self, fd, data, offset)
+
+    monkeypatch.setattr(IncomingDataSet, "_write_direct", counted)
+    staging = StagingBuffers(_CHUNK)
+    data = os.urandom(5 * _CHUNK + 12_345)
+    for _ in range(2):  # the buffers serve one data set after another
+        incoming = _open_incoming(tmp_path, staging)
+        _feed(incoming, data)
+        incoming.finish()
+        incoming.file.close()
+        header = file_meta_header(_SOP_CLASS, _SOP_INSTANCE, _SYNTAX)
+        assert incoming.path.read_bytes() == header + data
+        assert incoming.size == len(header) + len(data)
+        incoming.path.unlink()
+    if direct and _direct_io_works(tmp_path):
+        # Per data set: 4 full chunks after the first, then the aligned part of the rest.
+        assert len(direct_chunks) == 10
+        assert all(offset % 4096 == 0 and size % 4096 == 0 for offset, size in direct_chunks)
+        assert min(offset for offset, _ in direct_chunks) == _CHUNK
+    else:
+        assert direct_chunks == []
+    staging.close()
+
+
+def _failing_direct_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> list[int]:
+    """Make every write to a descriptor opened with O_DIRECT fail with ``code``."""
+    direct_fds: list[int] = []
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def open_(path: object, flags: int, *args: object) -> int:
+        fd = real_open(path, flags, *args)  # type: ignore[arg-type]
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.append(fd)
+        return fd
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if fd in direct_fds:
+            raise OSError(code, os.strerror(code))
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cstore.os, "open", open_)
+    monkeypatch.setattr(cstore.os, "pwrite", pwrite)
+    return direct_fds
+
+
+def test_a_refused_direct_write_goes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not allow O_DIRECT")
+    direct_fds = _failing_direct_writes(monkeypatch, errno.EINVAL)
+    staging = StagingBuffers(_CHUNK)
+    incoming = _open_incoming(tmp_path, staging)
+    data = os.urandom(3 * _CHUNK + 100)
+    _feed(incoming, data)
+    incoming.finish()
+    assert direct_fds, "no direct write was tried"
+    header = file_meta_header(_SOP_CLASS, _SOP_INSTANCE, _SYNTAX)
+    assert incoming.path.read_bytes() == header + data
+
+
+def test_a_failed_chunk_write_is_raised_and_the_file_discarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not allow O_DIRECT")
+    _failing_direct_writes(monkeypatch, errno.ENOSPC)
+    staging = StagingBuffers(_CHUNK)
+    incoming = _open_incoming(tmp_path, staging)
+    with pytest.raises(OSError, match="No space left"):
+        _feed(incoming, os.urandom(4 * _CHUNK))
+        incoming.finish()
+    incoming.discard()
+    assert not incoming.path.exists()
+    staging.close()
+
+
+def test_a_short_read_into_the_buffer_reports_the_end(tmp_path: Path) -> None:
+    staging = StagingBuffers(_CHUNK)
+    incoming = _open_incoming(tmp_path, staging)
+    source = BytesIO(b"x" * 1000)
+    assert not incoming.receive(source.readinto, 5000)
+    incoming.discard()
+    assert not incoming.path.exists()
 
 
 def _encoded_request(**values: object) -> bytes:
