@@ -21,8 +21,11 @@ Nothing here polls:
 * A C-STORE request arrives as P-DATA-TF PDUs: its command set, then the data
   set in fragments (a 10 MB radiograph in 64 KiB PDUs is 160 of them). In data
   transfer, :meth:`EventDrivenDUL._take_p_data` decodes the command
-  (:func:`~dicomnode.receive.cstore.decode_c_store_rq`), writes the file meta
-  header and every fragment straight to a file in the incoming directory. When
+  (:func:`~dicomnode.receive.cstore.decode_c_store_rq`) and stages the file meta
+  header; :meth:`EventDrivenDUL._receive_fragments` then reads each fragment
+  from the socket straight into the data set's staging buffer
+  (:class:`~dicomnode.receive.cstore.IncomingDataSet` writes it out in chunks,
+  with direct I/O after the first). When
   the data set is complete and the association thread is idle, the DUL thread
   serves the request itself (pynetdicom's Storage SCP and our handler);
   otherwise it queues it for the association thread, exactly where pynetdicom's
