@@ -324,12 +324,7 @@ class EventDrivenDUL(DULServiceProvider):
         sent. Returns False, with the header put back, when the next PDU is
         anything else: the general path then reads it.
         """
-        if (
-            self.state_machine.current_state != "Sta6"
-            or not self.event_queue.empty()
-            or not self._recv_pdu.empty()
-            or self._listened()
-        ):
+        if not self._direct_path_open():
             return False
         lost: list[BaseException] = []
 
@@ -340,41 +335,31 @@ class EventDrivenDUL(DULServiceProvider):
                 lost.append(exc)
                 return 0
 
-        def read_into_header(header: bytearray, size: int) -> bool:
-            """Extend ``header`` to ``size`` bytes; False if the connection ended."""
-            start = len(header)
-            header.extend(bytes(size - start))
-            with memoryview(header) as view:
-                got = read_into(view[start:])
-            del header[start + got :]
-            return len(header) == size
-
         incoming = self._incoming
+        header = bytearray(12)
         while incoming is not None:
             # The PDU header alone first: an A-ABORT or A-RELEASE-RQ is shorter
             # than the 12 bytes that a P-DATA-TF's two headers take.
-            header = bytearray()
-            if read_into_header(header, 6) and header[0] == _P_DATA_TF:
+            with memoryview(header) as view:
+                got = read_into(view[:6])
                 (pdu_length,) = struct.unpack_from(">L", header, 2)
-                if pdu_length >= 6 and not read_into_header(header, 12):
-                    pdu_length = 0
-            else:
-                pdu_length = 0
+                if got == 6 and header[0] == _P_DATA_TF and pdu_length >= 6:
+                    got += read_into(view[6:])
             if lost:
                 log.error("connection lost while reading a PDU: %s", lost[0])
                 self.event_queue.put("Evt17")
                 return True
-            item_length, context_id, control = (
-                struct.unpack_from(">LBB", header, 6) if len(header) == 12 else (0, 0, 0)
-            )
+            item_length, context_id, control = struct.unpack_from(">LBB", header, 6)
             if not (
-                pdu_length == item_length + 4
+                got == 12
+                and header[0] == _P_DATA_TF
+                and pdu_length == item_length + 4
                 and item_length >= 2
                 and context_id == incoming.context_id
                 and not control & 0b01
             ):
                 # Anything else, or a connection closed early: the general path reads it.
-                sock.unread(header)
+                sock.unread(header[:got])
                 return False
             if not incoming.receive(read_into, item_length - 2):
                 if lost:
@@ -389,6 +374,20 @@ class EventDrivenDUL(DULServiceProvider):
             if self._kill_thread or not self.to_provider_queue.empty() or not sock.ready:
                 break
         return True
+
+    def _direct_path_open(self) -> bool:
+        """Whether this thread may handle P-DATA itself, past pynetdicom's machinery.
+
+        Only in data transfer (Sta6), with no earlier PDU or event still waiting
+        for the state machine (so everything stays in order), and with nobody
+        listening to the events the direct path does not raise.
+        """
+        return (
+            self.state_machine.current_state == "Sta6"
+            and self.event_queue.empty()
+            and self._recv_pdu.empty()
+            and not self._listened()
+        )
 
     def _listened(self) -> bool:
         """Whether anyone listens to the events the direct path does not raise."""
@@ -405,18 +404,11 @@ class EventDrivenDUL(DULServiceProvider):
     def _take_p_data(self, body: bytearray) -> bool:
         """Handle a P-DATA-TF's PDVs here; False leaves the whole PDU to pynetdicom.
 
-        Only in data transfer (Sta6), with no earlier PDU or event still waiting
-        for the state machine (so everything stays in order), and with nobody
-        listening to the events skipped here. PDVs that are not part of a
+        Only while :meth:`_direct_path_open`. PDVs that are not part of a
         C-STORE on the direct path go to pynetdicom's DIMSE layer, in order, as
         its DT-2 action would pass them.
         """
-        if (
-            self.state_machine.current_state != "Sta6"
-            or not self.event_queue.empty()
-            or not self._recv_pdu.empty()
-            or self._listened()
-        ):
+        if not self._direct_path_open():
             return False
         pdvs = _split_pdvs(body)
         if pdvs is None:
@@ -626,18 +618,20 @@ class BulkReadSocket(AssociationSocket):
             filled += count
         return filled
 
-    def unread(self, data: bytes | bytearray) -> None:
-        """Put ``data`` back in front of the bytes read ahead."""
+    def _ensure_buffers(self) -> None:
+        """Create the read-ahead buffers on first use (pynetdicom built this object)."""
         if "_pending" not in self.__dict__:
             self._pending = bytearray()
             self._scratch = bytearray(_READ_AHEAD)
+
+    def unread(self, data: bytes | bytearray) -> None:
+        """Put ``data`` back in front of the bytes read ahead."""
+        self._ensure_buffers()
         self._pending[:0] = data
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only if the peer closed the connection)."""
-        if "_pending" not in self.__dict__:
-            self._pending = bytearray()
-            self._scratch = bytearray(_READ_AHEAD)
+        self._ensure_buffers()
         if len(self._pending) >= nr_bytes:
             out = self._pending[:nr_bytes]
             del self._pending[:nr_bytes]
