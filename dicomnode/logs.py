@@ -38,6 +38,19 @@ class _BusyTick(logging.Filter):
         return "maximum number of running instances reached" not in record.getMessage()
 
 
+class _PersonNameWarning(logging.Filter):
+    """Drop library warnings that quote a person name (highdicom, pydicom's PN checks).
+
+    Building a result object from a source whose PatientName has one component makes
+    highdicom warn with the name in the message. Python warnings go through logging
+    (``py.warnings``), so this keeps patient names out of the log like everything else.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "intended person name" not in message and "VR PN" not in message
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send log records to standard error in one plain format."""
     root = logging.getLogger()
@@ -51,6 +64,9 @@ def configure_logging(level: str = "INFO") -> None:
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for noisy in ("pynetdicom", "alembic", "apscheduler"):
         logging.getLogger(noisy).setLevel(quiet)
+    # Library warnings become log records, so the same format and filters apply.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addFilter(_PersonNameWarning())
     if level != "DEBUG":
         logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
         logging.getLogger("apscheduler.scheduler").addFilter(_BusyTick())

@@ -13,13 +13,14 @@ from dicomnode.logs import configure_logging
 def _restore_logging() -> object:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    loggers = [logging.getLogger(n) for n in ("tensorflow", "apscheduler.scheduler")]
+    loggers = [logging.getLogger(n) for n in ("tensorflow", "apscheduler.scheduler", "py.warnings")]
     filters = [list(logger.filters) for logger in loggers]
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
     for logger, kept in zip(loggers, filters, strict=True):
         logger.filters[:] = kept
+    logging.captureWarnings(False)
 
 
 def test_expected_retracing_warning_is_dropped_other_tf_warnings_kept(
@@ -57,3 +58,21 @@ def test_a_skipped_busy_completion_tick_is_not_a_warning(
     err = capsys.readouterr().err
     assert "maximum number of running instances" not in err
     assert "Job raised an exception" in err
+
+
+def test_a_highdicom_warning_that_quotes_the_patient_name_stays_out_of_the_log(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """highdicom warns with the PatientName in the message when it has one component."""
+    import warnings
+
+    from highdicom.valuerep import check_person_name
+
+    configure_logging("DEBUG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        check_person_name("Covid0000")
+        warnings.warn("an unrelated library warning", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert "Covid0000" not in err
+    assert "py.warnings" in err and "an unrelated library warning" in err
