@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_files
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from support import dicom_files, make_instance, shared_data
 
 from dicomnode.errors import DatasetError
@@ -86,8 +89,65 @@ def test_direct_reader_on_generated_instances(
         direct, fallback, was_taken = _meta_both_ways(path, monkeypatch)
         assert was_taken
         assert direct == fallback
-    ds, values = read_header(odd, "1.2.840.10008.1.2.1")
+    values = read_header(odd, "1.2.840.10008.1.2.1")
     assert values["ImageType"] == "DERIVED \\PRIMARY"  # as dcmread gives it
     assert values["SeriesDescription"] == "Thorax p.a. — Übersicht"
     assert int(values["InstanceNumber"]) == 7
-    assert "PixelData" not in ds
+
+
+def _code(meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = "R-10214"
+    item.CodingSchemeDesignator = "SRT"
+    item.CodeMeaning = meaning
+    return item
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit-vr", "implicit-vr"])
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined-length", "undefined-length"])
+def test_the_scanner_steps_over_sequences_and_long_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, implicit: bool, undefined: bool
+) -> None:
+    """Nested sequences, a private block of 200 KB (more than the first read) and
+    Latin-1 text before the wanted values; a View Code Sequence among them."""
+    path = make_instance(
+        tmp_path,
+        modality="DX",
+        extra={"SpecificCharacterSet": "ISO_IR 100", "SeriesDescription": "Thorax Übersicht"},
+    )
+    ds = dcmread(path)
+    block = ds.private_block(0x0009, "DICOMNODE TEST", create=True)
+    block.add_new(0x10, "OB", bytes(200_000))
+    inner = Dataset()
+    inner.ReferencedSOPInstanceUID = "1.2.3.4"
+    inner.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    outer = Dataset()
+    outer.ReferencedImageSequence = Sequence([inner, inner])
+    block.add_new(0x11, "SQ", Sequence([outer]))
+    ds.ViewCodeSequence = Sequence([_code("postero-anterior")])
+    for element in (ds["ViewCodeSequence"], block[0x11], outer["ReferencedImageSequence"]):
+        element.is_undefined_length = undefined
+        for item in element.value:
+            item.is_undefined_length_sequence_item = undefined
+    ts = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+
+    direct, fallback, was_taken = _meta_both_ways(path, monkeypatch)
+    assert was_taken
+    assert direct == fallback
+    assert isinstance(direct, InstanceMeta)
+    assert direct.SeriesDescription == "Thorax Übersicht"
+    assert direct.ViewEvidence == "postero-anterior"
+    assert read_header(path, ts)["ViewCodeSequence"][0].CodeValue == "R-10214"
+    delimiters = path.read_bytes().count(b"\xfe\xff\xdd\xe0")  # (FFFE,E0DD)
+    assert delimiters == (3 if undefined else 0)
+
+
+def test_a_file_that_ends_inside_its_header_is_left_to_dcmread(tmp_path: Path) -> None:
+    path = make_instance(tmp_path)
+    data = path.read_bytes()
+    # Cut inside the Study Instance UID's value (the file meta has no such UID).
+    cut = data.index(path.stem.encode("ascii"), 300) - 20
+    path.write_bytes(data[:cut])
+    assert meta_module._read_header_direct(path, ExplicitVRLittleEndian) is None
