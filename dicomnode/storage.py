@@ -21,9 +21,7 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +50,7 @@ def validate_uid(value: object, name: str = "UID") -> str:
     return uid
 
 
-def fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path | str) -> None:
     """Flush a directory entry (a rename or a new file in it) to stable storage."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -90,11 +88,14 @@ def start_writeback(fd: int) -> None:
         _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def fsync_file(path: Path) -> int:
+def fsync_file(path: Path | str) -> int:
     """Flush a file's bytes to stable storage; return its size."""
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-        return os.fstat(handle.fileno()).st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,8 @@ class InstanceStore:
         self.root = root
         self.incoming = incoming
         self.min_free_bytes = min_free_bytes
-        self._known_dirs: set[Path] = set()
-        self._sync_pool: ThreadPoolExecutor | None = None
-        self._sync_pool_lock = threading.Lock()
+        self._root = str(root)
+        self._known_dirs: set[str] = set()
 
     def prepare(self) -> None:
         """Create the directories (idempotent)."""
@@ -176,12 +176,12 @@ class InstanceStore:
             raise InvalidUIDError(f"stored path escapes the storage root: {relative_path!r}")
         return path
 
-    def _ensure_dir(self, directory: Path) -> None:
+    def _ensure_dir(self, directory: str) -> None:
         """Create ``directory`` and make each new entry durable in its parent."""
         if directory in self._known_dirs:
             return
         missing = []
-        d = directory
+        d = Path(directory)
         while not d.exists():
             missing.append(d)
             d = d.parent
@@ -196,35 +196,19 @@ class InstanceStore:
         fd, name = tempfile.mkstemp(dir=self.host_incoming, suffix=".part")
         return fd, Path(name)
 
-    def sync_in_background(self, temporary: Path) -> Future[int]:
-        """Start flushing ``temporary`` to stable storage in a helper thread.
-
-        ``fsync`` releases the GIL, so the C-STORE handler can parse the header
-        while the disk works; pass the future to :meth:`commit`, which waits
-        for it before the rename. The future's result is the file size.
-        """
-        with self._sync_pool_lock:  # created on first use: safe across fork and spawn
-            if self._sync_pool is None:
-                self._sync_pool = ThreadPoolExecutor(
-                    max_workers=4, thread_name_prefix="dicomnode-fsync"
-                )
-        return self._sync_pool.submit(fsync_file, temporary)
-
-    def commit(
-        self, temporary: Path, relative_path: str, synced: Future[int] | None = None
-    ) -> StoredFile:
+    def commit(self, temporary: Path | str, relative_path: str) -> StoredFile:
         """Make ``temporary`` durable and move it to ``relative_path`` atomically.
 
-        ``synced`` is a flush already started by :meth:`sync_in_background`;
-        without it the file is flushed here. An existing file at that path (the
-        same SOP Instance received again) is replaced in one step, never left
-        half-written.
+        An existing file at that path (the same SOP Instance received again) is
+        replaced in one step, never left half-written. Runs once per received
+        instance, so it works on strings rather than ``Path`` objects.
         """
-        final = self.root / relative_path
-        size = synced.result() if synced is not None else fsync_file(temporary)
-        self._ensure_dir(final.parent)
-        temporary.replace(final)
-        fsync_directory(final.parent)
+        final = f"{self._root}/{relative_path}"
+        directory = final.rpartition("/")[0]
+        size = fsync_file(temporary)
+        self._ensure_dir(directory)
+        os.replace(temporary, final)  # noqa: PTH105 (strings: this runs per instance)
+        fsync_directory(directory)
         return StoredFile(relative_path=relative_path, size_bytes=size)
 
     def write(self, data: bytes, relative_path: str) -> StoredFile:

@@ -406,6 +406,9 @@ class IncomingDataSet:
         else:
             aligned = 0
         _pwrite_all(self.file.fileno(), rest[aligned:], self._offset + aligned)
+        # The disk starts on it now, while the handler checks the header; its
+        # fsync then mostly waits for writes already under way.
+        start_writeback(self.file.fileno())
         self._filled = 0
         self._close_direct()
 

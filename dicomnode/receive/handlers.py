@@ -9,9 +9,7 @@ indexes it, and only then answers Success.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import wait
 from dataclasses import dataclass
-from pathlib import Path
 
 from pynetdicom.events import Event
 
@@ -80,14 +78,11 @@ def handle_echo(event: Event) -> int:
 def handle_store(event: Event, ctx: ReceiveContext) -> int:
     """EVT_C_STORE: store durably, index, then answer."""
     request = event.request
-    temporary = Path(event.dataset_path)
+    temporary = event.dataset_path
     ae_title, host = _peer(event)
     sop_instance = str(request.AffectedSOPInstanceUID)
-    synced = None
     try:
         ctx.store.check_free_space()
-        # The disk flushes the received bytes while the header is parsed and checked.
-        synced = ctx.store.sync_in_background(temporary)
         meta = read_instance_meta(
             temporary,
             affected_sop_class_uid=str(request.AffectedSOPClassUID),
@@ -97,7 +92,7 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
         relative = ctx.store.relative_path(
             meta.StudyInstanceUID, meta.SeriesInstanceUID, meta.SOPInstanceUID
         )
-        stored = ctx.store.commit(temporary, relative, synced)
+        stored = ctx.store.commit(temporary, relative)
         outcome = record_instance(
             ctx.db,
             meta,
@@ -114,11 +109,6 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
     except Exception:
         log.exception("C-STORE %s from %r failed", sop_instance, ae_title)
         return PROCESSING_FAILURE
-    finally:
-        # A refused instance's flush may still be running; pynetdicom deletes the
-        # temporary file once this handler returns.
-        if synced is not None:
-            wait([synced])
     if outcome.superseded_path:
         ctx.store.path_of(outcome.superseded_path).unlink(missing_ok=True)
     log.debug(
