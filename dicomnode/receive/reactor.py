@@ -495,16 +495,17 @@ class EventDrivenDUL(DULServiceProvider):
         if conn is None or conn.fileno() < 0:
             # Closed transport (Sta13 and after): nothing to select on; the state
             # machine's events are already queued, the ARTIM timer needs a look.
-            select.select([self._wake_reader], [], [], 0.001)
+            readable, _, _ = select.select([self._wake_reader], [], [], 0.001)
         elif isinstance(conn, ssl.SSLSocket) and conn.pending():
             return  # TLS has buffered plaintext that select cannot see
         elif isinstance(self.socket, BulkReadSocket) and self.socket.buffered():
             return  # read ahead already
         else:
-            select.select([conn, self._wake_reader], [], [], _DUL_WAIT_S)
-        with contextlib.suppress(BlockingIOError, OSError):
-            while self._wake_reader.recv(4096):
-                pass
+            readable, _, _ = select.select([conn, self._wake_reader], [], [], _DUL_WAIT_S)
+        if self._wake_reader in readable:  # drain the wake-ups (most waits end for data)
+            with contextlib.suppress(BlockingIOError, OSError):
+                while self._wake_reader.recv(4096):
+                    pass
 
     def run_reactor(self) -> None:
         """pynetdicom's reactor steps, waiting in :meth:`_wait_for_work` when idle."""
