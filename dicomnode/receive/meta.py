@@ -108,7 +108,8 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_DELIMITATION = 0xFFFEE00D
 _SEQUENCE_DELIMITATION = 0xFFFEE0DD
-#: Bytes of a received file read for its header at first (doubled while too few).
+#: Bytes of a received file read for its header at first (four times more each time
+#: the header turns out longer).
 _HEADER_READ = 64 * 1024
 
 
@@ -134,22 +135,20 @@ def _element_at(
         raise _EndOfBufferError
     group, element, length = struct.unpack_from("<HHL", buf, offset)
     tag = group << 16 | element
-    if implicit or group == 0xFFFE:  # item and delimitation tags carry no VR
-        value = offset + 8
-    else:
+    vr = None
+    value = offset + 8
+    if not implicit and group != 0xFFFE:  # item and delimitation tags carry no VR
         vr = buf[offset + 4 : offset + 6]
         if not (0x41 <= vr[0] <= 0x5A and 0x41 <= vr[1] <= 0x5A):
             raise _UnusualEncodingError(f"no explicit VR at offset {offset}")
-        if vr in _LONG_LENGTH_VRS:
-            if offset + 12 > len(buf):
-                raise _EndOfBufferError
-            (length,) = struct.unpack_from("<L", buf, offset + 8)
-            value = offset + 12
-        else:
+        if vr not in _LONG_LENGTH_VRS:
             (length,) = struct.unpack_from("<H", buf, offset + 6)
-            return tag, vr, offset + 8, length
-        return tag, vr, value, None if length == _UNDEFINED_LENGTH else length
-    return tag, None, value, None if length == _UNDEFINED_LENGTH else length
+            return tag, vr, value, length
+        if offset + 12 > len(buf):
+            raise _EndOfBufferError
+        (length,) = struct.unpack_from("<L", buf, offset + 8)
+        value = offset + 12
+    return tag, vr, value, None if length == _UNDEFINED_LENGTH else length
 
 
 def _skip_undefined(buf: bytes, offset: int, implicit: bool, delimiter: int) -> int:
@@ -163,11 +162,8 @@ def _skip_undefined(buf: bytes, offset: int, implicit: bool, delimiter: int) -> 
         if length is None:
             # An item, a sequence, or UN of undefined length (implicit VR inside,
             # PS3.5 6.2.2): all end with their delimiter.
-            inner_implicit = implicit or vr == b"UN"
-            if tag == _ITEM:
-                offset = _skip_undefined(buf, value, inner_implicit, _ITEM_DELIMITATION)
-            else:
-                offset = _skip_undefined(buf, value, inner_implicit, _SEQUENCE_DELIMITATION)
+            end = _ITEM_DELIMITATION if tag == _ITEM else _SEQUENCE_DELIMITATION
+            offset = _skip_undefined(buf, value, implicit or vr == b"UN", end)
         else:
             offset = value + length
         if offset > len(buf):
@@ -175,15 +171,17 @@ def _skip_undefined(buf: bytes, offset: int, implicit: bool, delimiter: int) -> 
 
 
 def _scan(buf: bytes, offset: int, implicit: bool) -> dict[int, _Span]:
-    """The wanted top-level elements before the pixel data, by tag."""
+    """The wanted top-level elements before the pixel data, by tag.
+
+    Item and delimitation tags (group FFFE) sort after the pixel data, so a
+    stray one at the top level also ends the scan.
+    """
     found = {}
     while offset < len(buf):
         tag, vr, value, length = _element_at(buf, offset, implicit)
         if tag >= _PIXEL_DATA:
             return found
         if length is None:
-            if tag in (_ITEM, _ITEM_DELIMITATION, _SEQUENCE_DELIMITATION):
-                raise _UnusualEncodingError(f"item tag at the top level, offset {offset}")
             end = _skip_undefined(buf, value, implicit or vr == b"UN", _SEQUENCE_DELIMITATION)
             value_end = end - 8
         else:
