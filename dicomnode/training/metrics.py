@@ -97,6 +97,67 @@ def macro_auc(y_true: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(one_vs_rest_auc(y_true, probabilities)))
 
 
+def bootstrap_resamples(y_true: np.ndarray, count: int, seed: int) -> list[np.ndarray]:
+    """``count`` seeded resamples (with replacement) of the indices of ``y_true``, less
+    those that miss a class of ``y_true`` (their one-vs-rest AUC is undefined)."""
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    if y.size == 0:
+        raise ValueError("no labels to resample")
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, y.size, y.size) for _ in range(count)]
+    n_classes = np.unique(y).size
+    return [index for index in draws if np.unique(y[index]).size == n_classes]
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Macro ROC AUC of model A minus model B on the same images, with its paired
+    bootstrap distribution (both models scored on each resample)."""
+
+    difference: float
+    low: float  # 2.5th percentile
+    high: float  # 97.5th percentile
+    share_at_least_zero: float  # resamples where A is at least as high as B
+    resamples: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "difference": self.difference,
+            "ci95_low": self.low,
+            "ci95_high": self.high,
+            "share_at_least_zero": self.share_at_least_zero,
+            "resamples": self.resamples,
+        }
+
+
+def paired_macro_auc_difference(
+    y_true: np.ndarray,
+    probabilities_a: np.ndarray,
+    probabilities_b: np.ndarray,
+    *,
+    count: int = 2000,
+    seed: int = 0,
+) -> PairedDifference:
+    """How sure a difference in macro ROC AUC between two models on one test set is:
+    :class:`PairedDifference` over :func:`bootstrap_resamples` of the images."""
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    a, b = np.asarray(probabilities_a), np.asarray(probabilities_b)
+    if a.shape != b.shape:
+        raise ValueError(f"the two models' probabilities differ in shape: {a.shape} vs {b.shape}")
+    resamples = bootstrap_resamples(y, count, seed)
+    if not resamples:
+        raise ValueError(f"no resample of {y.size} labels keeps every class")
+    draws = np.array([macro_auc(y[i], a[i]) - macro_auc(y[i], b[i]) for i in resamples])
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return PairedDifference(
+        difference=macro_auc(y, a) - macro_auc(y, b),
+        low=float(low),
+        high=float(high),
+        share_at_least_zero=float((draws >= 0).mean()),
+        resamples=len(resamples),
+    )
+
+
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Fraction of predictions equal to the truth."""
     y = np.asarray(y_true).ravel()
@@ -221,8 +282,10 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
 
 __all__ = [
     "Calibration",
+    "PairedDifference",
     "accuracy",
     "binary_summary",
+    "bootstrap_resamples",
     "calibration",
     "confusion_matrix",
     "dice",
@@ -230,6 +293,7 @@ __all__ = [
     "macro_auc",
     "mean_and_std",
     "one_vs_rest_auc",
+    "paired_macro_auc_difference",
     "roc_auc",
     "roc_curve",
     "top_label_calibration",

@@ -112,6 +112,43 @@ def test_calibration_by_hand() -> None:
     assert summary["sensitivity"] == 1.0 and summary["specificity"] == 0.5
 
 
+def test_bootstrap_resamples_keep_every_class_and_repeat_with_the_seed() -> None:
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 2])  # one image each of classes 1 and 2
+    resamples = m.bootstrap_resamples(y, 200, seed=3)
+    assert 0 < len(resamples) < 200  # many draws miss class 1 or 2 and are dropped
+    assert all(set(y[index]) == {0, 1, 2} and index.size == y.size for index in resamples)
+    again = m.bootstrap_resamples(y, 200, seed=3)
+    assert all((a == b).all() for a, b in zip(resamples, again, strict=True))
+    with pytest.raises(ValueError, match="no labels"):
+        m.bootstrap_resamples(np.array([], dtype=np.int64), 10, seed=0)
+
+
+def test_paired_difference_separates_a_real_gap_from_noise() -> None:
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 40)
+    truth = np.eye(3)[y]
+    good = 0.3 * truth + 0.7 * rng.dirichlet(np.ones(3), y.size)  # macro AUC about 0.88
+    poor = 0.05 * truth + 0.95 * rng.dirichlet(np.ones(3), y.size)  # about 0.58
+    gap = m.paired_macro_auc_difference(y, good, poor, count=300, seed=0)
+    assert gap.difference == pytest.approx(m.macro_auc(y, good) - m.macro_auc(y, poor))
+    assert gap.low > 0 and gap.share_at_least_zero == 1.0 and gap.resamples == 300
+    same = m.paired_macro_auc_difference(y, good, good, count=50, seed=0)
+    assert same.difference == same.low == same.high == 0.0
+    # a small perturbation of the same model: the interval straddles zero
+    near = good + 0.02 * rng.standard_normal(good.shape)
+    noise = m.paired_macro_auc_difference(y, near, good, count=300, seed=0)
+    assert noise.low < 0 < noise.high and 0 < noise.share_at_least_zero < 1
+    assert set(gap.as_dict()) == {
+        "difference",
+        "ci95_low",
+        "ci95_high",
+        "share_at_least_zero",
+        "resamples",
+    }
+    with pytest.raises(ValueError, match="differ in shape"):
+        m.paired_macro_auc_difference(y, good, good[:, :2])
+
+
 # --- data --------------------------------------------------------------------------------
 
 
