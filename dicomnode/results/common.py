@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from highdicom import ContributingEquipment
+from highdicom import ContributingEquipment, SpecificCharacterSetValues
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
@@ -26,6 +26,17 @@ NODE_MODEL_NAME = "dicomnode"
 SOFTWARE_VERSION = __version__
 #: Series Description of the result series (Series Description is LO: 64 characters).
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
+
+#: The character set of a result whose source declares one highdicom cannot write:
+#: UTF-8 holds any text pydicom decoded from the source.
+FALLBACK_CHARACTER_SET = "ISO_IR 192"
+_DEFINED_TERMS = frozenset(term.value for term in SpecificCharacterSetValues)
+#: The terms highdicom takes in a multi-valued Specific Character Set (all ISO 2022 ones
+#: but GB2312's); the multi-byte ones may not come first.
+_CODE_EXTENSIONS = frozenset(
+    term for term in _DEFINED_TERMS if term.startswith("ISO 2022 ") and term != "ISO 2022 IR 58"
+)
+_MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159"})
 
 #: VRs whose values are checked when copied from a source (text-like, never UIDs).
 _CHECKED_VRS = frozenset(
@@ -110,6 +121,53 @@ def contributing_equipment(
         item.DeviceUID = model.device_uid
         items.append(item)
     return items
+
+
+def result_character_set(source: Dataset) -> str | list[str] | None:
+    """The Specific Character Set (0008,0005) for a result object copying ``source``'s
+    patient and study text.
+
+    The source's own value when highdicom writes it, after two rewrites that keep its
+    meaning (PS3.3 C.12.1.1.2): an empty first value of several (``\\ISO 2022 IR 87``,
+    as Japanese modalities send it) is ISO 2022 IR 6, spelled out; a single
+    ``ISO 2022 IR n`` is ``ISO_IR n`` (one repertoire needs no code extensions), and a
+    single ``ISO 2022 IR 6`` the default repertoire. Anything else highdicom refuses (a
+    misspelling such as ``ISO_IR100``, Korean ``ISO 2022 IR 149``, which highdicom does
+    not know) gives UTF-8, ``ISO_IR 192``: pydicom decoded the source's text as best it
+    could, and UTF-8 writes all of it. ``None`` for the default repertoire.
+    """
+    raw = source.get("SpecificCharacterSet")
+    if raw is None or raw == "":
+        return None
+    values = [str(v).strip() for v in ([raw] if isinstance(raw, str) else raw)]
+    if len(values) > 1 and not values[0]:
+        values[0] = SpecificCharacterSetValues.DEFAULT_REPERTOIRE_CODE_EXTENSIONS.value
+    if len(values) == 1 and values[0].startswith("ISO 2022 IR "):
+        if values[0] == SpecificCharacterSetValues.DEFAULT_REPERTOIRE_CODE_EXTENSIONS.value:
+            return None
+        values[0] = "ISO_IR " + values[0].removeprefix("ISO 2022 IR ")
+    if writable_character_set(values):
+        return values[0] if len(values) == 1 else values
+    log.warning(
+        "source %s declares Specific Character Set %r, which highdicom cannot write; "
+        "its results are written in UTF-8 (%s)",
+        source.get("SOPInstanceUID", "?"),
+        "\\".join(values),
+        FALLBACK_CHARACTER_SET,
+    )
+    return FALLBACK_CHARACTER_SET
+
+
+def writable_character_set(values: Sequence[str]) -> bool:
+    """Whether highdicom writes these Specific Character Set values: one defined term
+    without code extensions, or several code extensions, no multi-byte one first."""
+    if len(values) == 1:
+        return values[0] in _DEFINED_TERMS and values[0] not in _CODE_EXTENSIONS
+    return (
+        len(values) > 1
+        and all(value in _CODE_EXTENSIONS for value in values)
+        and values[0] not in _MULTI_BYTE_EXTENSIONS
+    )
 
 
 def empty_invalid_copied_values(result: Dataset, source: Dataset) -> list[str]:

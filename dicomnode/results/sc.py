@@ -41,6 +41,7 @@ from dicomnode.results.common import (
     contributing_equipment,
     empty_invalid_copied_values,
     node_device_uid,
+    result_character_set,
 )
 
 
@@ -221,6 +222,7 @@ def build_heatmap_sc(
         manufacturer_model_name=NODE_MODEL_NAME,
         software_versions=software_version,
         institution_name=institution_name,
+        specific_character_set=result_character_set(source),
     )
     # The source's own orientation (e.g. "P\\FL", which highdicom's enum refuses), or
     # empty (Type 2) when the source has none: never a made-up one.

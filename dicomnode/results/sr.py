@@ -91,6 +91,7 @@ from dicomnode.results.common import (
     contributing_equipment,
     empty_invalid_copied_values,
     node_device_uid,
+    result_character_set,
 )
 from dicomnode.results.uids import result_uid
 
@@ -268,6 +269,7 @@ def _document(
         series_description=series_description,
         manufacturer_model_name=NODE_MODEL_NAME,
         software_versions=software_version,
+        specific_character_set=result_character_set(header),
     )
     sr.DeviceUID = device_uid
     empty_invalid_copied_values(sr, header)

@@ -30,6 +30,7 @@ from dicomnode.inference.geometry import Box
 from dicomnode.inference.registry import CodedClass
 from dicomnode.pipelines.cxr import CXRImageResult, CXRStudyResult, ModelUsed
 from dicomnode.results import ResultError, box_polyline, build_heatmap_sc, build_sr, result_uid
+from dicomnode.results.common import writable_character_set
 from dicomnode.results.sc import caption, render_overlay, text_band_height
 
 SHARED_CXR = (
@@ -558,6 +559,74 @@ def test_sr_refuses_inputs_it_cannot_encode(case: Case) -> None:
         build_sr(case.result, case.sources[1:] or [], CLASSES, software_version=SOFTWARE)
     with pytest.raises(ResultError, match="no analysed image"):
         _build_sr(case, images=[])
+
+
+# --------------------------------------------------------------------------- character sets
+
+#: (source's Specific Character Set, Patient's Name, the results' Specific Character Set)
+CHARACTER_SETS = [
+    ("ISO_IR 100", "Müller^Jürgen", "ISO_IR 100"),
+    # Japanese modalities: an empty first value (ISO 2022 IR 6) before the Kanji set.
+    (
+        "\\ISO 2022 IR 87",
+        "Yamada^Tarou=山田^太郎=やまだ^たろう",
+        ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+    ),
+    # Korean: a defined term highdicom does not know, so UTF-8.
+    ("\\ISO 2022 IR 149", "Hong^Gildong=洪^吉洞=홍^길동", "ISO_IR 192"),
+    ("ISO_IR100", "Müller^Jürgen", "ISO_IR 192"),  # a misspelling pydicom reads
+    ("ISO 2022 IR 100", "Müller^Jürgen", "ISO_IR 100"),  # one repertoire: no extensions
+    ("ISO 2022 IR 6", "Smith^John", None),
+    ("GB18030", "Wang^XiaoDong=王^小东", "GB18030"),
+    ("ISO_IR 192", "Иванов^Пётр", "ISO_IR 192"),
+]
+
+
+@pytest.mark.parametrize(("declared", "name", "written"), CHARACTER_SETS)
+def test_results_keep_the_patients_name_in_any_character_set(
+    tmp_path: Path, declared: str, name: str, written: str | list[str] | None
+) -> None:
+    """Sources in the character sets real sites send get an SR and a Secondary Capture
+    that dciodvfy accepts, declaring a character set highdicom writes, with the
+    Patient's Name read back exactly as the source's."""
+    case = _generated_case(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom on the misspelt term
+        for ds, path in zip(case.sources, case.paths, strict=True):
+            ds.SpecificCharacterSet = declared.split("\\") if "\\" in declared else declared
+            ds.PatientName = name
+            ds.save_as(path, enforce_file_format=True)
+        sources = [pydicom.dcmread(path) for path in case.paths]  # as the node reads them
+        assert str(sources[0].PatientName) == name
+        case = replace(case, sources=sources)
+        for kind, result in (("sr", _build_sr(case)), ("sc", _build_sc(case, 0))):
+            path = tmp_path / f"{kind}.dcm"
+            result.save_as(path, enforce_file_format=True)
+            errors, output = dciodvfy(path)
+            assert errors == [], output
+            back = pydicom.dcmread(path)
+            charset = back.get("SpecificCharacterSet")
+            assert (charset if charset is None or isinstance(charset, str) else list(charset)) == (
+                written
+            ), kind
+            assert str(back.PatientName) == name, kind
+
+
+def test_writable_character_sets_are_the_ones_highdicom_takes() -> None:
+    """The node's own check (which picks the UTF-8 fallback before highdicom would fail
+    on the value) agrees with highdicom on every defined term and pair of them."""
+    from highdicom import SpecificCharacterSetValues
+    from highdicom.valuerep import _check_specific_character_set
+
+    terms = [term.value for term in SpecificCharacterSetValues]
+    combinations = [[t] for t in terms] + [[a, b] for a in terms for b in terms if a != b]
+    for values in combinations:
+        try:
+            _check_specific_character_set(values if len(values) > 1 else values[0])
+            takes = True
+        except ValueError:
+            takes = False
+        assert writable_character_set(values) == takes, values
 
 
 # --------------------------------------------------------------------------- SC
