@@ -139,7 +139,8 @@ class CXRSettings:
     models_dir: Path = Path("models")
     lung_mask: str = "cxr-lung-unet"
     members: tuple[str, ...] = ("cxr-vgg16", "cxr-vgg19", "cxr-inceptionv3")
-    strategy: str = "weighted"
+    #: What the shipped ensemble's card recommends (chosen on validation data).
+    strategy: str = "mean"
     stacking: str = ""
     detector: str = ""
     explain_member: str = ""

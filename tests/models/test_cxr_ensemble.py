@@ -199,8 +199,11 @@ def test_the_default_configuration_uses_the_recommended_strategy() -> None:
     """config.toml's [cxr] is the node's default: it must run the ensemble the card measured."""
     import tomllib
 
+    from dicomnode.config import CXRSettings
+
     config = tomllib.loads((MODELS.parent / "config.toml").read_text(encoding="utf-8"))["cxr"]
     recommended = _metrics(STACKING)["recommended_strategy"]
+    assert CXRSettings().strategy == recommended, "a [cxr] table without strategy"
     assert tuple(config["members"]) == MEMBERS
     assert config["strategy"] == recommended, (
         f"config.toml [cxr] strategy is {config['strategy']!r}; the ensemble card measured and "

@@ -35,6 +35,7 @@ def _settings(models_dir: Path, **changes: object) -> CXRSettings:
         models_dir=models_dir,
         lung_mask="lung",
         members=("m1", "m2", "m3"),
+        strategy="weighted",  # the manifests' weights, checked below
         explain_member="m1",
         abnormal_threshold=0.0,  # look for boxes on every image
         batch_size=4,
