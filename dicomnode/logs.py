@@ -9,6 +9,7 @@ lets an admin debugging a site add PatientID to the receive log lines.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
@@ -38,17 +39,30 @@ class _BusyTick(logging.Filter):
         return "maximum number of running instances reached" not in record.getMessage()
 
 
-class _PersonNameWarning(logging.Filter):
-    """Drop library warnings that quote a person name (highdicom, pydicom's PN checks).
+class _QuotedValue(logging.Filter):
+    """Keep the values of data elements out of library warnings: they may be PHI.
 
-    Building a result object from a source whose PatientName has one component makes
-    highdicom warn with the name in the message. Python warnings go through logging
-    (``py.warnings``), so this keeps patient names out of the log like everything else.
+    pydicom warns (through ``warnings`` and its ``pydicom`` logger) with the value when
+    a data set holds one its VR forbids: "Invalid value for VR SH: 'ACC-1234'" for an
+    over-long Accession Number, a Patient's Name or Birth Date likewise. Such records
+    keep the VR and lose the value. highdicom's warning that a one-component
+    PatientName may not be a person name quotes the name and says nothing else: it is
+    dropped.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "intended person name" not in message and "VR PN" not in message
+        if "intended person name" in message:
+            return False
+        found = _INVALID_VALUE.search(message)
+        if found:
+            record.msg = f"Invalid value for VR {found.group(1)} (the value is not logged)"
+            record.args = ()
+        return True
+
+
+#: pydicom's message for a value its VR forbids (the value follows the colon).
+_INVALID_VALUE = re.compile(r"Invalid value for VR (\w\w)")
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -66,7 +80,8 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(quiet)
     # Library warnings become log records, so the same format and filters apply.
     logging.captureWarnings(True)
-    logging.getLogger("py.warnings").addFilter(_PersonNameWarning())
+    for library in ("py.warnings", "pydicom"):
+        logging.getLogger(library).addFilter(_QuotedValue())
     if level != "DEBUG":
         logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
         logging.getLogger("apscheduler.scheduler").addFilter(_BusyTick())

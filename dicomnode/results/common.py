@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 from highdicom import ContributingEquipment, SpecificCharacterSetValues
 from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VM
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import DA, DT, TM, validate_value
 
 from dicomnode import __version__
 from dicomnode.errors import DicomNodeError
@@ -37,6 +40,24 @@ _CODE_EXTENSIONS = frozenset(
     term for term in _DEFINED_TERMS if term.startswith("ISO 2022 ") and term != "ISO 2022 IR 58"
 )
 _MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159"})
+
+#: Type 2 Patient and General Study attributes highdicom reads from a source.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_PIXEL_DATA = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+#: Patient's Sex (0010,0040) enumerated values.
+_PATIENT_SEX = frozenset({"M", "F", "O"})
+#: Date and time VRs, parsed as highdicom parses them.
+_PARSED = {"DA": DA, "TM": TM, "DT": DT}
 
 #: VRs whose values are checked when copied from a source (text-like, never UIDs).
 _CHECKED_VRS = frozenset(
@@ -170,34 +191,59 @@ def writable_character_set(values: Sequence[str]) -> bool:
     )
 
 
-def empty_invalid_copied_values(result: Dataset, source: Dataset) -> list[str]:
-    """Empty top-level values ``result`` copied from ``source`` that break their VR.
+def copyable_header(source: Dataset) -> Dataset:
+    """``source``'s top-level attributes without pixel data, for a result to copy.
 
-    Source images often carry values their VR forbids (a Patient's Age of ``"62"``
-    instead of ``"062Y"``, say); copied as they are, they would make the result object
-    invalid. Every top-level text-like element (never a UID) whose value in ``result``
-    equals the one in ``source`` and fails pydicom's VR validation is emptied (every
-    copied Patient and Study attribute but the UIDs is Type 2 or 3, so empty is allowed).
-    Returns the keywords emptied; they are logged without their values (they may be PHI).
+    highdicom copies the patient and study modules (and the acquisition equipment) from
+    this header, parsing some values on the way; modalities often send values their VR
+    forbids (a Patient's Age of ``"62"`` instead of ``"062Y"``, a Study Date of
+    ``"2026-01-01"``, a Patient's Sex of ``"Male"``, two values in a one-valued
+    Institution Name). Copied as they are, they make the result invalid or make
+    highdicom refuse it, and the study would get no result at all. So every top-level
+    text-like element (never a UID) whose value breaks its VR, its dictionary value
+    multiplicity, its date or time format, or the Patient's Sex terms (M, F, O) is
+    emptied in the header; every copied Patient and Study attribute but the UIDs is
+    Type 2 or 3, so empty is allowed. The Type 2 ones the source lacks are added empty
+    (highdicom fails on a missing one). The source is not changed. The emptied keywords
+    are logged without their values (they may be PHI).
     """
+    header = Dataset()
     emptied = []
-    for element in result:
-        if element.VR not in _CHECKED_VRS or element.value in (None, ""):
+    for element in source:
+        if element.keyword in _PIXEL_DATA:
             continue
-        copied = source.get(element.tag)
-        if copied is None or copied.value != element.value:
-            continue
-        values = list(element.value) if element.VM > 1 else [element.value]
-        try:
-            for value in values:
-                validate_value(element.VR, str(value), pydicom_config.RAISE)
-        except ValueError:
-            element.value = None
+        if _breaks_its_vr(element):
+            header.add(DataElement(element.tag, element.VR, None))
             emptied.append(element.keyword or str(element.tag))
+        else:
+            header.add(element)
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in header:
+            setattr(header, keyword, None)
     if emptied:
         log.warning(
-            "source %s has values invalid for their VR, left empty in the result: %s",
+            "source %s has values invalid for their VR, left empty in the results: %s",
             source.get("SOPInstanceUID", "?"),
             ", ".join(emptied),
         )
-    return emptied
+    return header
+
+
+def _breaks_its_vr(element: DataElement) -> bool:
+    """Whether a text-like element's value is one a result must not copy."""
+    if element.VR not in _CHECKED_VRS or element.value in (None, ""):
+        return False
+    values = list(element.value) if element.VM > 1 else [element.value]
+    if element.VM > 1 and not element.tag.is_private:
+        with contextlib.suppress(KeyError):
+            if dictionary_VM(element.tag) == "1":
+                return True
+    try:
+        for value in values:
+            text = str(value)
+            validate_value(element.VR, text, pydicom_config.RAISE)
+            if text and element.VR in _PARSED:
+                _PARSED[element.VR](text)  # a real date or time, as highdicom parses it
+    except ValueError:
+        return True
+    return element.keyword == "PatientSex" and str(element.value) not in _PATIENT_SEX

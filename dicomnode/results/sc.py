@@ -39,7 +39,7 @@ from dicomnode.results.common import (
     ModelDescription,
     ResultError,
     contributing_equipment,
-    empty_invalid_copied_values,
+    copyable_header,
     node_device_uid,
     result_character_set,
 )
@@ -193,6 +193,7 @@ def build_heatmap_sc(
             f"{source.get('Rows')} x {source.get('Columns')}"
         )
     rgb = render_overlay(image_result, pixels8, explained_probability, draw_boxes=draw_boxes)
+    source = copyable_header(source)  # what the SC copies: values valid for their VR
     orientation = _patient_orientation(source)
     device_uid = device_uid or node_device_uid(manufacturer, institution_name)
     spacing = source.get("PixelSpacing")
@@ -254,7 +255,6 @@ def build_heatmap_sc(
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [reference]
-    empty_invalid_copied_values(sc, source)
     return sc
 
 

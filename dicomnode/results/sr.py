@@ -43,7 +43,7 @@ a new series. The document (PS3.16 TID 1500):
   shared Tracking Unique Identifier (their values become the measurement's labels).
 
 Header: patient and study modules copied from the first source dataset (values that
-break their VR are emptied, see :func:`~dicomnode.results.common.empty_invalid_copied_values`),
+break their VR are emptied, see :func:`~dicomnode.results.common.copyable_header`),
 VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag PRELIMINARY,
 Series and SOP Instance UIDs from :func:`~dicomnode.results.uids.result_uid` (kinds
 ``"sr-series"`` and ``"sr"``), Contributing Equipment per IHE AI Results (see
@@ -89,7 +89,7 @@ from dicomnode.results.common import (
     ModelDescription,
     ResultError,
     contributing_equipment,
-    empty_invalid_copied_values,
+    copyable_header,
     node_device_uid,
     result_character_set,
 )
@@ -190,20 +190,6 @@ def build_sr(
 # --------------------------------------------------------------------------- checks
 
 
-#: Type 2 Patient and General Study attributes highdicom reads from the first evidence.
-_TYPE2_HEADER = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-
 def _document(
     groups: Sequence[Any],
     *,
@@ -244,7 +230,7 @@ def _document(
         imaging_measurements=list(groups),
         referenced_images=[_library_view(source) for source in analysed],
     )
-    header = _evidence_header(header_source)
+    header = copyable_header(header_source)
     sr = Comprehensive3DSR(
         evidence=[header, *[s for s in analysed if s is not header_source]],
         content=report[0],
@@ -272,25 +258,7 @@ def _document(
         specific_character_set=result_character_set(header),
     )
     sr.DeviceUID = device_uid
-    empty_invalid_copied_values(sr, header)
     return sr
-
-
-def _evidence_header(source: Dataset) -> Dataset:
-    """The first source's attributes (no pixel data), missing Type 2 ones added empty.
-
-    highdicom reads the patient and study attributes of the first evidence dataset
-    and fails on a missing one; a source that left out a Type 2 attribute gets it empty
-    in the report, as the standard allows.
-    """
-    header = Dataset()
-    for element in source:
-        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            header.add(element)
-    for keyword in _TYPE2_HEADER:
-        if keyword not in header:
-            setattr(header, keyword, None)
-    return header
 
 
 def _library_view(source: Dataset) -> Dataset:

@@ -76,3 +76,29 @@ def test_a_highdicom_warning_that_quotes_the_patient_name_stays_out_of_the_log(
     err = capsys.readouterr().err
     assert "Covid0000" not in err
     assert "py.warnings" in err and "an unrelated library warning" in err
+
+
+def test_pydicom_warnings_about_invalid_values_keep_the_value_out_of_the_log(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A source with a Patient's Birth Date or Sex its VR forbids makes pydicom warn and
+    log with the value: the record keeps the VR, not the value."""
+    import warnings
+
+    from pydicom import config as pydicom_config
+    from pydicom.dataset import Dataset
+
+    configure_logging("INFO")
+    ds = Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        pydicom_config.settings.writing_validation_mode = pydicom_config.WARN
+        try:
+            ds.PatientBirthDate = "1961-07-23"  # DA is YYYYMMDD
+            ds.PatientSex = "Female"  # CS: upper case, and the terms are M, F, O
+        finally:
+            pydicom_config.settings.writing_validation_mode = None
+    err = capsys.readouterr().err
+    assert "1961" not in err and "Female" not in err, err
+    assert "pydicom: Invalid value for VR DA (the value is not logged)" in err
+    assert "py.warnings: Invalid value for VR CS (the value is not logged)" in err

@@ -612,6 +612,53 @@ def test_results_keep_the_patients_name_in_any_character_set(
             assert str(back.PatientName) == name, kind
 
 
+#: Values real modalities send that their VR (or the standard's terms) forbid.
+INVALID_VALUES = [
+    ("StudyDate", "2026-01-01"),
+    ("PatientBirthDate", "19000000"),
+    ("PatientSex", "Male"),
+    ("StudyTime", "25:61:00"),
+    ("PatientAge", "62"),
+    ("AccessionNumber", "A" * 30),
+    ("ReferringPhysicianName", "Dr. " + "x" * 70),
+    ("InstitutionName", ["Hospital", "Department"]),
+]
+
+
+@pytest.mark.parametrize(("keyword", "value"), INVALID_VALUES)
+def test_a_value_that_breaks_its_vr_is_left_empty_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, keyword: str, value: object
+) -> None:
+    """highdicom refuses some of these outright (the study would get no result) and
+    copies others into an invalid object: the SR and the SC come out valid, with the
+    attribute empty, the source untouched, and a log line naming the keyword only."""
+    case = _generated_case(tmp_path)
+    for ds, path in zip(case.sources, case.paths, strict=True):
+        setattr(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True)
+    case = replace(case, sources=[pydicom.dcmread(path) for path in case.paths])
+    original = case.sources[0][keyword].value
+    with caplog.at_level("WARNING", logger="dicomnode.results"):
+        results = {"sr": _build_sr(case), "sc": _build_sc(case, 0)}
+    for kind, result in results.items():
+        path = tmp_path / f"{kind}.dcm"
+        result.save_as(path, enforce_file_format=True)
+        errors, output = dciodvfy(path)
+        assert errors == [], output
+        back = pydicom.dcmread(path)
+        assert back.get(keyword) in (None, ""), kind
+        if keyword != "StudyDate":
+            assert back.StudyDate == "20260101", kind  # valid values are kept
+    assert case.sources[0][keyword].value == original  # the source is not changed
+    uid = str(case.sources[0].SOPInstanceUID)
+    logged = [
+        r.getMessage().replace(uid, "") for r in caplog.records if r.name == "dicomnode.results"
+    ]
+    assert any(keyword in message for message in logged), caplog.text
+    shown = value if isinstance(value, str) else value[0]
+    assert not any(shown in message for message in logged), "a value was logged"
+
+
 def test_writable_character_sets_are_the_ones_highdicom_takes() -> None:
     """The node's own check (which picks the UTF-8 fallback before highdicom would fail
     on the value) agrees with highdicom on every defined term and pair of them."""
