@@ -148,7 +148,7 @@ def result_character_set(source: Dataset) -> str | list[str] | None:
     """The Specific Character Set (0008,0005) for a result object copying ``source``'s
     patient and study text.
 
-    The source's own value when highdicom writes it, after two rewrites that keep its
+    The source's own value when highdicom writes it, after rewrites that keep its
     meaning (PS3.3 C.12.1.1.2): an empty first value of several (``\\ISO 2022 IR 87``,
     as Japanese modalities send it) is ISO 2022 IR 6, spelled out; a single
     ``ISO 2022 IR n`` is ``ISO_IR n`` (one repertoire needs no code extensions), and a
@@ -212,7 +212,8 @@ def copyable_header(source: Dataset) -> Dataset:
     for element in source:
         if element.keyword in _PIXEL_DATA:
             continue
-        if _breaks_its_vr(element):
+        # The character set is checked (and replaced if need be) by result_character_set.
+        if element.keyword != "SpecificCharacterSet" and _breaks_its_vr(element):
             header.add(DataElement(element.tag, element.VR, None))
             emptied.append(element.keyword or str(element.tag))
         else:

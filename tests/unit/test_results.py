@@ -575,6 +575,7 @@ CHARACTER_SETS = [
     # Korean: a defined term highdicom does not know, so UTF-8.
     ("\\ISO 2022 IR 149", "Hong^Gildong=洪^吉洞=홍^길동", "ISO_IR 192"),
     ("ISO_IR100", "Müller^Jürgen", "ISO_IR 192"),  # a misspelling pydicom reads
+    ("iso_ir 100", "Müller^Jürgen", "ISO_IR 192"),  # lower case: not even a valid CS
     ("ISO 2022 IR 100", "Müller^Jürgen", "ISO_IR 100"),  # one repertoire: no extensions
     ("ISO 2022 IR 6", "Smith^John", None),
     ("GB18030", "Wang^XiaoDong=王^小东", "GB18030"),
