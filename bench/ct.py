@@ -47,8 +47,8 @@ from results import RESULTS, machine_description, write_section  # noqa: E402
 from dicomnode.config import CTSelectionSettings, CTSettings, OutputSettings  # noqa: E402
 from dicomnode.inference.registry import configure_devices, sha256_of  # noqa: E402
 from dicomnode.nets.ct import densenet121_sigmoid  # noqa: E402
-from dicomnode.pipelines.base import StudyInput  # noqa: E402
 from dicomnode.pipelines.ct import CTPipeline  # noqa: E402
+from dicomnode.pipelines.types import StudyInput  # noqa: E402
 from dicomnode.results.encode import encode  # noqa: E402
 
 SINGLES = REPO.parent / "shared" / "data" / "dicom_ct" / "tcia_covid19_ny_sbu_single_slices"

@@ -42,8 +42,8 @@ from results import RESULTS, machine_description, write_section  # noqa: E402
 from dicomnode.config import CXRSettings, RoutingSettings  # noqa: E402
 from dicomnode.inference.registry import configure_devices, sha256_of  # noqa: E402
 from dicomnode.nets import ARCHITECTURES, GRADCAM_LAYERS  # noqa: E402
-from dicomnode.pipelines.base import InstanceInput, StudyInput  # noqa: E402
 from dicomnode.pipelines.cxr import CXRPipeline  # noqa: E402
+from dicomnode.pipelines.types import InstanceInput, StudyInput  # noqa: E402
 
 CLASSES = [("bacterial", "53084003"), ("covid19", "840539006"), ("normal", "17621005")]
 STEPS = ("decode", "lung_mask", "lung_crop", "ensemble", "gradcam", "boxes")

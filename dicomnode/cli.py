@@ -126,7 +126,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
 def _cmd_training(args: argparse.Namespace) -> int:
     import logging
 
-    from dicomnode.training import evaluate_model, get_target
+    from dicomnode.training import get_target
+    from dicomnode.training.evaluate import evaluate_model
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":

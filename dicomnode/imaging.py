@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import as_pixel_options, get_decoder
 from pydicom.uid import (
@@ -62,6 +62,8 @@ VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _HU = "Hounsfield units"
+#: (7FE0,0010) Pixel Data: a header is everything before it.
+_PIXEL_DATA_TAG = 0x7FE00010
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -90,6 +92,8 @@ class Image8:
     voi: str
     """How grey levels were chosen: ``"VOILUTSequence"``, ``"WindowCenter/WindowWidth LINEAR"``
     (or ``LINEAR_EXACT``, ``SIGMOID``), ``"min-max"`` or ``"luminance"`` (colour)."""
+    header: Dataset | None = field(default=None, repr=False)
+    """The source data set without its pixel data (:func:`header_of`), for the encoders."""
 
 
 def to_uint8(source: str | os.PathLike[str] | Dataset) -> Image8:
@@ -130,7 +134,16 @@ def to_uint8(source: str | os.PathLike[str] | Dataset) -> Image8:
         TransferSyntaxUID=str(transfer_syntax),
         NumberOfFrames=frames,
         voi=voi,
+        header=header_of(ds),
     )
+
+
+def header_of(ds: Dataset) -> Dataset:
+    """``ds`` without its pixel data and what follows it, as ``dcmread(stop_before_pixels=True)``
+    reads it (file meta kept). The elements are shared with ``ds``, not copied."""
+    header = ds[: _PIXEL_DATA_TAG]
+    header.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    return header
 
 
 def _open(
@@ -164,6 +177,11 @@ def to_hu(source: str | os.PathLike[str] | Dataset) -> np.ndarray:
     Raises :class:`ImageDecodeError` when the dataset is not a decodable greyscale image
     and ``OSError`` when the file cannot be opened.
     """
+    return read_hu(source)[0]
+
+
+def read_hu(source: str | os.PathLike[str] | Dataset) -> tuple[np.ndarray, Dataset]:
+    """:func:`to_hu` and the source's header (:func:`header_of`), from one read."""
     ds, label = _open(source, _HU)
     transfer_syntax = _transfer_syntax(ds)
     try:
@@ -177,7 +195,7 @@ def to_hu(source: str | os.PathLike[str] | Dataset) -> np.ndarray:
         values = _modality(frame, ds)
     except _UnusableError as exc:
         raise ImageDecodeError(label, transfer_syntax, str(exc), _HU) from exc
-    return np.asarray(values, dtype=np.float32)
+    return np.asarray(values, dtype=np.float32), header_of(ds)
 
 
 # --- reading and decoding ------------------------------------------------------------
@@ -417,6 +435,11 @@ class ImageDecodeError(DicomNodeError):
         self.target = target
 
     def __str__(self) -> str:
+        return self.naming(self.source)
+
+    def naming(self, source: str) -> str:
+        """The message with the source called ``source`` (e.g. a path relative to the data
+        directory instead of the absolute one), the decoder's reason kept whole."""
         uid = self.TransferSyntaxUID
         name = UID(uid).name if uid else ""
         syntax = (
@@ -426,4 +449,4 @@ class ImageDecodeError(DicomNodeError):
             if name and name != uid
             else f"transfer syntax {uid}"
         )
-        return f"cannot make {self.target} of {self.source} ({syntax}): {self.reason}"
+        return f"cannot make {self.target} of {source} ({syntax}): {self.reason}"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dicomnode.config import CTSelectionSettings, RoutingSettings
-from dicomnode.pipelines.base import InstanceInput
+from dicomnode.pipelines.types import CTSelection, InstanceInput, SeriesSkipped, Skipped
 from dicomnode.volume import CTSeries, SeriesError, SliceHeader, assemble
 
 #: Skip reason codes.
@@ -35,15 +35,6 @@ _RADIOGRAPH_SOP_CLASSES = {
 
 
 @dataclass(frozen=True)
-class Skipped:
-    """An instance a pipeline does not analyse, with a coded reason."""
-
-    sop_instance_uid: str
-    code: str
-    detail: str
-
-
-@dataclass(frozen=True)
 class Route:
     """The instances the chest X-ray pipeline analyses, and the ones it skips."""
 
@@ -58,11 +49,16 @@ class Route:
         if not self.skipped:
             return "no instances"
         counts = Counter(s.code for s in self.skipped)
-        examples = {}
+        examples: dict[str, str] = {}
         for s in self.skipped:
             examples.setdefault(s.code, s.detail)
         parts = [f"{n} {code} ({examples[code]})" for code, n in sorted(counts.items())]
         return "no frontal chest radiograph: " + "; ".join(parts)
+
+
+def route_reason(skipped: Sequence[Skipped]) -> str:
+    """Why a study had nothing to analyse (coded, counted)."""
+    return Route((), tuple(skipped)).reason or "no instances"
 
 
 def _words(text: str | None) -> set[str]:
@@ -133,47 +129,6 @@ _MULTI_FRAME_CT = {
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
 }
-
-
-@dataclass(frozen=True)
-class SeriesSkipped:
-    """A series the CT pipeline does not analyse, with a coded reason."""
-
-    series_instance_uid: str
-    code: str
-    detail: str
-    instances: int
-
-
-@dataclass(frozen=True)
-class CTSelection:
-    """The series chosen for analysis (if any), why, and every other series with its reason."""
-
-    series: CTSeries | None
-    why: str
-    skipped: tuple[SeriesSkipped, ...]
-
-    @property
-    def reason(self) -> str | None:
-        """Why nothing is analysed, summarised by code (None when a series was chosen)."""
-        if self.series is not None:
-            return None
-        if not self.skipped:
-            return "no axial chest CT series: no CT instances"
-        counts = Counter(s.code for s in self.skipped)
-        examples: dict[str, str] = {}
-        for s in self.skipped:
-            examples.setdefault(s.code, s.detail)
-        parts = [f"{n} {code} ({examples[code]})" for code, n in sorted(counts.items())]
-        return "no axial chest CT series: " + "; ".join(parts)
-
-    def summary(self) -> dict[str, object]:
-        """JSON-ready: the chosen series and every skipped one (coded)."""
-        return {
-            "chosen": None if self.series is None else self.series.summary(),
-            "why": self.why,
-            "skipped_series": [s.__dict__ for s in self.skipped],
-        }
 
 
 def is_ct_candidate(instance: InstanceInput, rules: CTSelectionSettings) -> bool:
@@ -254,8 +209,8 @@ def select_ct_series(
             skipped.append(SeriesSkipped(series_uid, MULTI_FRAME, f"{name} is not analysed", n))
             continue
         if sop_classes != {CT_IMAGE_STORAGE}:
-            other = sorted(sop_classes - {CT_IMAGE_STORAGE})[0]
-            skipped.append(SeriesSkipped(series_uid, NOT_AN_IMAGE, f"SOP Class {other}", n))
+            sop_class = sorted(sop_classes - {CT_IMAGE_STORAGE})[0]
+            skipped.append(SeriesSkipped(series_uid, NOT_AN_IMAGE, f"SOP Class {sop_class}", n))
             continue
         try:
             headers = [read_header(m) for m in members]
@@ -291,14 +246,14 @@ def select_ct_series(
         f"{'complete' if chosen.complete else f'{len(chosen.gaps)} gap(s)'}, "
         f"{chosen.slice_thickness_mm or 'unknown'} mm slices, {len(chosen.slices)} slices"
     )
-    for other in candidates[1:]:
+    for candidate in candidates[1:]:
         skipped.append(
             SeriesSkipped(
-                other.series_instance_uid,
+                candidate.series_instance_uid,
                 NOT_PREFERRED,
-                f"{len(other.slices)} slices of {other.slice_thickness_mm or 'unknown'} mm"
-                f"{'' if other.complete else ' with gaps'}; chose {chosen.series_instance_uid}",
-                len(other.slices) + len(other.duplicates),
+                f"{len(candidate.slices)} slices of {candidate.slice_thickness_mm or 'unknown'} mm"
+                f"{'' if candidate.complete else ' with gaps'}; chose {chosen.series_instance_uid}",
+                len(candidate.slices) + len(candidate.duplicates),
             )
         )
     return CTSelection(chosen, why, tuple(skipped))

@@ -69,6 +69,7 @@ def load_study(db: Database, store: InstanceStore, job: ClaimedJob) -> StudyInpu
                 columns=inst.columns,
                 series_description=description,
                 view_evidence=inst.view_evidence,
+                relative_path=f"{store.root.name}/{inst.path}",
             )
             for inst, series_uid, description in rows
         ),

@@ -717,7 +717,7 @@ def synthetic_ct_series(
 
 def instance_inputs(paths: Iterable[Path]) -> tuple[Any, ...]:
     """``InstanceInput`` of files (their index tags), as the worker gives them to a pipeline."""
-    from dicomnode.pipelines.base import InstanceInput
+    from dicomnode.pipelines.types import InstanceInput
 
     out = []
     for path in paths:
@@ -735,6 +735,8 @@ def instance_inputs(paths: Iterable[Path]) -> tuple[Any, ...]:
                 rows=ds.Rows,
                 columns=ds.Columns,
                 series_description=ds.get("SeriesDescription"),
+                # As the worker names it: relative to the data directory.
+                relative_path=f"instances/{path.parent.name}/{path.name}",
             )
         )
     return tuple(out)

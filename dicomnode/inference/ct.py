@@ -1,8 +1,10 @@
-"""Pure array steps of the CT pipeline: classical lung mask, slice preparation, aggregation.
+"""The CT steps: lung mask (classical, or a model's pre/post-process), slice preparation,
+the slice classifier's pre-process (:func:`classifier_batch`) and post-process
+(:func:`slice_probabilities`), and the study aggregation.
 
-No model and no DICOM here: numpy, SciPy and OpenCV on one slice of Hounsfield units
-at a time, so each step can be checked numerically and training code can import the
-same preparation (:func:`prepare_slice`).
+No DICOM here and no model object: numpy and OpenCV on one slice of Hounsfield units
+at a time (the caller predicts), so each step can be checked numerically and training
+code imports the same preparation (:func:`prepare_slice`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 
 from dicomnode.config import CT_AGGREGATIONS
 from dicomnode.inference.geometry import Box, crop, lung_box
+from dicomnode.inference.lung import LUNG_THRESHOLD, keep_largest
+from dicomnode.inference.registry import ModelSpec
 
 #: Lung window (HU) used when a classifier manifest gives none: center -600, width 1500.
 LUNG_WINDOW = (-600.0, 1500.0)
@@ -210,3 +214,44 @@ def aggregate(
             raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
         return float(np.percentile(p, percentile))
     raise ValueError(f"unknown aggregation {method!r}; use one of {', '.join(CT_AGGREGATIONS)}")
+
+
+def lung_model_input(
+    hu: np.ndarray, spec: ModelSpec, window: tuple[float, float] = LUNG_WINDOW
+) -> np.ndarray:
+    """Pre-process for a lung-mask model: the slice in ``window``, resized (area) to the
+    model's input, ``(1, h, w, channels)`` float32 scaled by its ``scale``."""
+    h, w = spec.input_size
+    grey = window_uint8(hu, *window)
+    return to_model_input(
+        cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)[None], spec.channels, spec.scale
+    )
+
+
+def lung_mask_from_model(probability: np.ndarray, hu: np.ndarray) -> LungMask:
+    """Post-process of a lung-mask model's ``(h, w)`` output for the slice ``hu``:
+    thresholded, the two largest components, resized (nearest) to the slice; the
+    fraction is over the body (:func:`body_mask`)."""
+    small = keep_largest(np.asarray(probability) >= LUNG_THRESHOLD)
+    mask = cv2.resize(
+        small.astype(np.uint8), (hu.shape[1], hu.shape[0]), interpolation=cv2.INTER_NEAREST
+    ).astype(bool)
+    body = int(body_mask(hu).sum())
+    return LungMask(mask, float(mask.sum()) / body if body else 0.0, lung_box(mask))
+
+
+def classifier_batch(crops: Sequence[np.ndarray], spec: ModelSpec, batch_size: int) -> np.ndarray:
+    """Pre-process for the slice classifier: uint8 crops (at the input size) padded with
+    zeros to at least ``batch_size`` (so that the model always sees one input shape, no
+    retracing for each study's last batch), then :func:`to_model_input`."""
+    batch = np.zeros((max(batch_size, len(crops)), *spec.input_size), np.uint8)
+    if crops:
+        batch[: len(crops)] = np.stack(crops)
+    return to_model_input(batch, spec.channels, spec.scale)
+
+
+def slice_probabilities(output: np.ndarray, count: int) -> np.ndarray:
+    """Post-process of the classifier's (padded) batch output: P(finding) of the first
+    ``count`` slices, float64."""
+    out = np.asarray(output, dtype=np.float64)
+    return out.reshape(out.shape[0], -1)[:count, 0]

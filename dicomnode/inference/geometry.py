@@ -1,4 +1,4 @@
-"""Pure array steps of the chest X-ray pipeline: lung crop, boxes, ensembles, heatmaps.
+"""Pure array geometry of the pipelines: lung box and crop, boxes, heat maps in source pixels.
 
 No model and no DICOM here: numpy and OpenCV on arrays, so each step can be checked
 numerically. Coordinates are pixels, ``x`` along columns and ``y`` along rows, boxes
@@ -7,13 +7,10 @@ as (x, y, width, height) with the end exclusive, like the seed's CSV files.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-from dicomnode.config import ENSEMBLE_STRATEGIES
 
 #: The seed's crop relaxes the lung extent by 5 % on every side.
 LUNG_MARGIN = 0.05
@@ -121,46 +118,3 @@ def normalize_heatmap(cam: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- ensembles
-
-
-def combine(
-    member_probabilities: np.ndarray,
-    strategy: str = "weighted",
-    weights: Sequence[float] | None = None,
-    meta: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> np.ndarray:
-    """Combine members' class probabilities, shape (members, images, classes).
-
-    * ``weighted``: sum of w_m * p_m over members, divided by the sum of weights;
-    * ``mean``: the plain average;
-    * ``vote``: the share of members whose top class is each class (majority vote as
-      probabilities; ties are left as equal shares);
-    * ``stacking``: ``meta`` applied to the members' outputs concatenated per image.
-
-    Returns (images, classes); every row sums to 1.
-    """
-    p = np.asarray(member_probabilities, dtype=np.float64)
-    if p.ndim != 3:
-        raise ValueError(f"member probabilities must be (members, images, classes), got {p.shape}")
-    members, _, classes = p.shape
-    if strategy == "weighted":
-        if weights is None or len(weights) != members:
-            raise ValueError(f"weighted ensemble needs {members} weights, got {weights!r}")
-        w = np.asarray(weights, dtype=np.float64)
-        if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {weights!r}")
-        return np.tensordot(w, p, axes=1) / w.sum()
-    if strategy == "mean":
-        return p.mean(axis=0)
-    if strategy == "vote":
-        votes = np.eye(classes)[p.argmax(axis=2)]  # (members, images, classes)
-        return votes.mean(axis=0)
-    if strategy == "stacking":
-        if meta is None:
-            raise ValueError("stacking ensemble needs a meta model")
-        stacked = np.concatenate(list(p), axis=1)  # (images, members * classes)
-        out = np.asarray(meta(stacked.astype(np.float32)), dtype=np.float64)
-        return out / out.sum(axis=1, keepdims=True)
-    raise ValueError(
-        f"unknown ensemble strategy {strategy!r}; use one of {', '.join(ENSEMBLE_STRATEGIES)}"
-    )

@@ -9,34 +9,10 @@ pipelines are loaded once, when the worker starts.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
-
-from dicomnode.pipelines.base import PipelineOutcome, StudyInput
-from dicomnode.pipelines.ct import CTPipeline, CTStudyResult, ct_instances
-from dicomnode.pipelines.cxr import CXRPipeline, CXRStudyResult, route_reason
-
-
-@dataclass
-class ChestStudyResult:
-    """The radiograph and CT analyses of one study (either may be absent)."""
-
-    study_instance_uid: str
-    cxr: CXRStudyResult | None = None
-    ct: CTStudyResult | None = None
-    reasons: list[str] = field(default_factory=list)
-
-    @property
-    def analysed(self) -> bool:
-        return bool(self.cxr and self.cxr.images) or bool(self.ct and self.ct.score is not None)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "pipeline": "chest",
-            "cxr": None if self.cxr is None else self.cxr.summary(),
-            "ct": None if self.ct is None else self.ct.summary(),
-        }
+from dicomnode.pipelines.ct import CTPipeline, ct_instances
+from dicomnode.pipelines.cxr import CXRPipeline
+from dicomnode.pipelines.types import ChestStudyResult, PipelineOutcome, StudyInput
+from dicomnode.routing import route_reason
 
 
 class ChestPipeline:
@@ -77,16 +53,8 @@ class ChestPipeline:
         reason = None if result.analysed else "; ".join(result.reasons)
         note = None
         if result.analysed:
-            notes = []
-            if result.cxr is not None and result.cxr.images and result.cxr.skipped:
-                codes = Counter(s.code for s in result.cxr.skipped)
-                notes.append(
-                    "cxr: skipped images: "
-                    + ", ".join(f"{n} {c}" for c, n in sorted(codes.items()))
-                )
-            if result.ct is not None and result.ct.note:
-                notes.append(result.ct.note)
-            note = "; ".join(notes) or None
+            notes = [part.note for part in (result.cxr, result.ct) if part is not None]
+            note = "; ".join(n for n in notes if n) or None
         return PipelineOutcome(
             summary=result.summary(), skipped_reason=reason, analysis=result, note=note
         )

@@ -18,10 +18,14 @@ For a study's CT instances:
 4. **classification** in batches of ``batch_size`` as crops accumulate: P(finding) per slice;
 5. **study score** by the configured aggregation (max, mean of the top k, percentile),
    positive when at least the manifest's ``threshold``;
-6. **Grad-CAM** on the ``evidence_slices`` most probable slices, re-read from disk.
+6. **Grad-CAM** on the ``evidence_slices`` most probable slices, re-read from disk; their
+   headers and their images in the classifier's window go forward to the encoders.
 
 DICOM I/O is limited to reading files; the result objects are made by
-:mod:`dicomnode.results.encode`. Models are loaded once by :meth:`CTPipeline.load`.
+:mod:`dicomnode.results.encode`. The steps are those of :mod:`dicomnode.inference.ct`
+(which the CT recipe calls too); this module composes them. Models are loaded once by
+:meth:`CTPipeline.load`; every model call holds one lock (the reading threads and the
+worker threads share the models).
 """
 
 from __future__ import annotations
@@ -30,184 +34,62 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from dicomnode.config import CTSettings
 from dicomnode.errors import ConfigError
-from dicomnode.imaging import ImageDecodeError, to_hu
+from dicomnode.imaging import ImageDecodeError, read_hu, to_hu
 from dicomnode.inference.ct import (
     GAS_HU,
     LungMask,
     aggregate,
-    body_mask,
+    classifier_batch,
     lung_crop_uint8,
+    lung_mask_from_model,
     lung_mask_hu,
+    lung_model_input,
+    slice_probabilities,
     to_model_input,
     window_uint8,
 )
-from dicomnode.inference.geometry import Box, lung_box, map_in_source
+from dicomnode.inference.geometry import Box
 from dicomnode.inference.gradcam import GradCAM
 from dicomnode.inference.registry import (
     DEFAULT_CT_WINDOW,
-    CodedClass,
     ModelSpec,
     configure_devices,
     load_model,
     read_manifest,
 )
-from dicomnode.pipelines.base import InstanceInput, PipelineOutcome, StudyInput
-from dicomnode.pipelines.cxr import ModelUsed, keep_largest
-from dicomnode.routing import CTSelection, Skipped, is_ct_candidate, select_ct_series
+from dicomnode.pipelines.types import (
+    NO_LUNG,
+    UNDECODABLE,
+    CTSliceResult,
+    CTStudyResult,
+    InstanceInput,
+    ModelUsed,
+    PipelineOutcome,
+    Skipped,
+    SourceImage,
+    StudyInput,
+)
+from dicomnode.routing import is_ct_candidate, select_ct_series
 from dicomnode.volume import OrderedSlice, read_slice_header
 
 log = logging.getLogger("dicomnode.pipelines.ct")
 
-UNDECODABLE = "undecodable"
-NO_LUNG = "no-lung"
 #: The lung-mask method name when no model is configured.
 HU_THRESHOLD_METHOD = "hu-threshold"
 #: Decision threshold when the classifier's manifest has none.
 DEFAULT_THRESHOLD = 0.5
 #: Slices handed to the reading threads at a time (bounds the crops waiting for the model).
 _CHUNK = 64
-
-
-@dataclass
-class CTSliceResult:
-    """One analysed slice, in its own pixel coordinates (an evidence slice has a heat map)."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    rows: int
-    columns: int
-    instance_number: int | None
-    position_mm: float | None
-    probability: float
-    lung_fraction: float
-    lung_box: Box
-    lung_found: bool
-    explained_class: str
-    heatmap: np.ndarray | None = field(default=None, repr=False)
-    """Grad-CAM in [0, 1] over ``lung_box`` at the layer's resolution (evidence slices)."""
-    boxes: list[Box] = field(default_factory=list)
-    """No finding boxes on CT (the SC renderer draws none)."""
-
-    def heatmap_in_source(self) -> np.ndarray:
-        """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""
-        if self.heatmap is None:
-            return np.zeros((self.rows, self.columns), np.float32)
-        return map_in_source(self.heatmap, self.lung_box, self.rows, self.columns)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "sop_instance_uid": self.sop_instance_uid,
-            "instance_number": self.instance_number,
-            "position_mm": None if self.position_mm is None else round(self.position_mm, 3),
-            "probability": round(self.probability, 6),
-            "lung_fraction": round(self.lung_fraction, 4),
-            "lung_box": [round(v, 1) for v in _xy(self.lung_box)],
-        }
-
-
-def _xy(box: Box) -> tuple[float, float, float, float]:
-    return (box.x, box.y, box.width, box.height)
-
-
-@dataclass
-class CTStudyResult:
-    """The analysis of a CT study: the chosen series, the study score and its evidence."""
-
-    study_instance_uid: str
-    selection: CTSelection
-    finding: CodedClass
-    aggregation: str
-    aggregation_parameters: dict[str, float]
-    threshold: float
-    window: tuple[float, float]
-    lung_mask_method: str
-    models: list[ModelUsed]
-    lung_mask_parameters: list[str] = field(default_factory=list)
-    score: float | None = None
-    positive: bool | None = None
-    slices_read: int = 0
-    slice_probabilities: list[tuple[str, float]] = field(default_factory=list)
-    """(SOPInstanceUID, probability) of every classified slice, in series order."""
-    evidence: list[CTSliceResult] = field(default_factory=list)
-    """The most probable slices, highest first, each with its Grad-CAM."""
-    skipped_slices: list[Skipped] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def series_instance_uid(self) -> str | None:
-        s = self.selection.series
-        return None if s is None else s.series_instance_uid
-
-    @property
-    def reason(self) -> str | None:
-        """Why nothing was classified (coded), None when a score was made."""
-        if self.score is not None:
-            return None
-        if self.selection.series is None:
-            return self.selection.reason
-        counts: dict[str, int] = {}
-        for s in self.skipped_slices:
-            counts[s.code] = counts.get(s.code, 0) + 1
-        parts = ", ".join(f"{n} {code}" for code, n in sorted(counts.items()))
-        return f"no slice of the chosen CT series could be classified: {parts or 'no slices'}"
-
-    @property
-    def note(self) -> str | None:
-        """For an analysed study, what was left out (coded counts), else None."""
-        if self.score is None:
-            return None
-        parts = []
-        series = Counter(s.code for s in self.selection.skipped)
-        if series:
-            parts.append(
-                "skipped series: " + ", ".join(f"{n} {c}" for c, n in sorted(series.items()))
-            )
-        slices = Counter(s.code for s in self.skipped_slices)
-        if slices:
-            parts.append(
-                "slices not classified: " + ", ".join(f"{n} {c}" for c, n in sorted(slices.items()))
-            )
-        if not parts:
-            return None
-        return f"ct: {len(self.slice_probabilities)} of {self.slices_read} slices classified; " + (
-            "; ".join(parts)
-        )
-
-    def summary(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for s in self.skipped_slices:
-            counts[s.code] = counts.get(s.code, 0) + 1
-        return {
-            "pipeline": "ct",
-            "selection": self.selection.summary(),
-            "finding": self.finding.name,
-            "score": None if self.score is None else round(self.score, 6),
-            "positive": self.positive,
-            "threshold": self.threshold,
-            "aggregation": self.aggregation,
-            "aggregation_parameters": self.aggregation_parameters,
-            "window": list(self.window),
-            "lung_mask": self.lung_mask_method,
-            "slices_read": self.slices_read,
-            "slices_classified": len(self.slice_probabilities),
-            "slices_skipped": counts,
-            "undecodable": [s.__dict__ for s in self.skipped_slices if s.code == UNDECODABLE][:20],
-            "slice_probabilities": [round(p, 4) for _, p in self.slice_probabilities],
-            "evidence": [e.summary() for e in self.evidence],
-            "models": [m.__dict__ for m in self.models],
-            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-        }
 
 
 @dataclass
@@ -357,7 +239,8 @@ class CTPipeline:
         series = selection.series
         if series is None:
             return result
-        records = self._classify_series(series.slices, result, timer)
+        names = {i.sop_instance_uid: i.relative_path for i in study.instances if i.relative_path}
+        records = self._classify_series(series.slices, result, timer, names)
         if result.slice_probabilities:
             probabilities = [p for _, p in result.slice_probabilities]
             result.score = aggregate(probabilities, s.aggregation, s.top_k, s.percentile)
@@ -378,28 +261,29 @@ class CTPipeline:
         s = self.settings
         if not s.lung_mask:
             return lung_mask_hu(hu, spacing, threshold=s.lung_threshold_hu)
-        spec = self.specs[s.lung_mask]
-        h, w = spec.input_size
-        grey = window_uint8(hu, *self.window)
-        x = to_model_input(
-            cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)[None], spec.channels, spec.scale
-        )
+        x = lung_model_input(hu, self.specs[s.lung_mask], self.window)
         with self._predict_lock:
             probability = np.asarray(self.models[s.lung_mask].predict(x, verbose=0))[0, ..., 0]
-        small = keep_largest(probability >= 0.5)
-        mask = cv2.resize(
-            small.astype(np.uint8), (hu.shape[1], hu.shape[0]), interpolation=cv2.INTER_NEAREST
-        ).astype(bool)
-        body = int(body_mask(hu).sum())
-        return LungMask(mask, float(mask.sum()) / body if body else 0.0, lung_box(mask))
+        return lung_mask_from_model(probability, hu)
 
-    def _read(self, ordered: OrderedSlice, timer: _Timer) -> _SliceRecord:
+    @staticmethod
+    def _decode_failure(exc: Exception, ordered: OrderedSlice, names: dict[str, str]) -> str:
+        """The decoder's whole message, the file named relative to the data directory."""
+        uid = ordered.header.SOPInstanceUID
+        name = names.get(uid) or Path(ordered.header.path).name
+        if isinstance(exc, ImageDecodeError):
+            return exc.naming(name)
+        if isinstance(exc, OSError):
+            return f"cannot read {name}: {exc.strerror or exc}"
+        return f"{name}: {exc}"
+
+    def _read(self, ordered: OrderedSlice, timer: _Timer, names: dict[str, str]) -> _SliceRecord:
         """Decode, mask and crop one slice (runs in the reading threads)."""
         started = time.perf_counter()
         try:
             hu = to_hu(ordered.header.path)
         except (ImageDecodeError, OSError) as exc:
-            return _SliceRecord(ordered, 0.0, None, None, str(exc)[:300])
+            return _SliceRecord(ordered, 0.0, None, None, self._decode_failure(exc, ordered, names))
         started = timer.add("decode", started)
         lung = self._lung(hu, ordered.header.PixelSpacing)
         started = timer.add("lung_mask", started)
@@ -412,17 +296,18 @@ class CTPipeline:
     def _predict(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """P(finding) of each crop. A short batch is padded to ``batch_size`` so that the
         model always sees one input shape (no retracing for each study's last batch)."""
-        spec = self.classifier
         size = self.settings.batch_size
-        batch = np.zeros((max(size, len(crops)), *spec.input_size), np.uint8)
-        batch[: len(crops)] = np.stack(crops)
-        x = to_model_input(batch, spec.channels, spec.scale)
+        x = classifier_batch(crops, self.classifier, size)
         with self._predict_lock:
             out = self.models[self.settings.classifier].predict(x, batch_size=size, verbose=0)
-        return np.asarray(out, dtype=np.float64).reshape(len(batch), -1)[: len(crops), 0]
+        return slice_probabilities(out, len(crops))
 
     def _classify_series(
-        self, slices: Sequence[OrderedSlice], result: CTStudyResult, timer: _Timer
+        self,
+        slices: Sequence[OrderedSlice],
+        result: CTStudyResult,
+        timer: _Timer,
+        names: dict[str, str],
     ) -> list[_SliceRecord]:
         """Stream the series: read in threads, classify in batches; keep small records."""
         records: list[_SliceRecord] = []
@@ -439,7 +324,7 @@ class CTPipeline:
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="ct-read") as pool:
             for chunk in _chunks(slices, _CHUNK):
-                for record in pool.map(lambda o: self._read(o, timer), chunk):
+                for record in pool.map(lambda o: self._read(o, timer, names), chunk):
                     result.slices_read += 1
                     uid = record.ordered.header.SOPInstanceUID
                     if record.error is not None:
@@ -465,18 +350,19 @@ class CTPipeline:
         by_uid = {r.ordered.header.SOPInstanceUID: r for r in records}
         top = sorted(result.slice_probabilities, key=lambda item: -item[1])
         top = top[: self.settings.evidence_slices]
-        crops, chosen = [], []
+        crops, chosen, sources = [], [], []
         for uid, probability in top:
             record = by_uid[uid]
-            hu = to_hu(record.ordered.header.path)
+            hu, header = read_hu(record.ordered.header.path)
             crops.append(lung_crop_uint8(hu, record.box, self.classifier.input_size, self.window))
             chosen.append((record, probability))
+            sources.append(SourceImage(header, window_uint8(hu, *self.window)))
         spec = self.classifier
         assert self.gradcam is not None
         with self._predict_lock:
             cams = self.gradcam(to_model_input(np.stack(crops), spec.channels, spec.scale), 0)
         evidence = []
-        for (record, probability), cam in zip(chosen, cams, strict=True):
+        for (record, probability), cam, source in zip(chosen, cams, sources, strict=True):
             h = record.ordered.header
             assert record.box is not None
             evidence.append(
@@ -493,6 +379,7 @@ class CTPipeline:
                     lung_found=True,
                     explained_class=result.finding.name,
                     heatmap=cam,
+                    source=source,
                 )
             )
         timer.add("gradcam", started)

@@ -16,190 +16,66 @@ over the study's images:
    from the Grad-CAM heat map thresholded inside the lungs; the result says which;
 6. Grad-CAM of the explained class on the configured member's layer.
 
-Everything ends in source-image pixels. Models are loaded once by :meth:`load`.
+Everything ends in source-image pixels. The steps are those of :mod:`dicomnode.inference`
+(lung, ensemble, detector, Grad-CAM), which training and evaluation call too; this module
+only composes them. Models are loaded once by :meth:`load`; the worker threads of a
+process share the pipeline, so every model call holds one lock (decoding, crops and boxes
+run in parallel).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from dicomnode.config import CXRSettings, RoutingSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import Image8, ImageDecodeError, to_uint8
-from dicomnode.inference.geometry import (
-    Box,
-    boxes_from_probability,
-    combine,
-    crop,
-    lung_box,
-    map_in_source,
-    resize_map,
+from dicomnode.inference.detector import (
+    boxes_from_detector,
+    boxes_from_heatmap,
+    detector_input,
+    source_lungs,
 )
+from dicomnode.inference.ensemble import classifier_input, combine, predict_members
 from dicomnode.inference.gradcam import GradCAM
+from dicomnode.inference.lung import lung_crop, lung_masks
 from dicomnode.inference.registry import (
-    CodedClass,
     ModelSpec,
     configure_devices,
     load_model,
     read_manifest,
 )
-from dicomnode.pipelines.base import InstanceInput, PipelineOutcome, StudyInput
-from dicomnode.routing import Skipped, route_cxr
+from dicomnode.pipelines.types import (
+    UNDECODABLE,
+    CXRImageResult,
+    CXRStudyResult,
+    InstanceInput,
+    ModelUsed,
+    PipelineOutcome,
+    Skipped,
+    SourceImage,
+    StudyInput,
+)
+from dicomnode.routing import route_cxr, route_reason
 
 log = logging.getLogger("dicomnode.pipelines.cxr")
 
-UNDECODABLE = "undecodable"
 
-
-@dataclass(frozen=True)
-class ModelUsed:
-    """Identity of a model that contributed to a result (for TID 4019 and audits)."""
-
-    name: str
-    version: str
-    task: str
-    device_uid: str
-    sha256: str
-
-
-@dataclass
-class CXRImageResult:
-    """The analysis of one radiograph, in its own pixel coordinates."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    rows: int
-    columns: int
-    probabilities: dict[str, float]
-    member_probabilities: dict[str, dict[str, float]]
-    abnormal: bool
-    lung_box: Box
-    lung_found: bool
-    boxes: list[Box]
-    box_method: str
-    """``detector:<model>``, ``gradcam-threshold``, or ``none`` (classified normal)."""
-    explained_class: str
-    explained_by: str
-    """The member whose Grad-CAM this is."""
-    heatmap: np.ndarray = field(repr=False)
-    """Grad-CAM in [0, 1] over the lung crop (``lung_box``), at its own resolution."""
-
-    def heatmap_in_source(self) -> np.ndarray:
-        """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""
-        return map_in_source(self.heatmap, self.lung_box, self.rows, self.columns)
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready essentials (no heat map)."""
-        return {
-            "sop_instance_uid": self.sop_instance_uid,
-            "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
-            "abnormal": self.abnormal,
-            "lung_box": _box_json(self.lung_box),
-            "lung_found": self.lung_found,
-            "boxes": [_box_json(b) for b in self.boxes],
-            "box_method": self.box_method,
-            "explained_class": self.explained_class,
-            "explained_by": self.explained_by,
-        }
-
-
-@dataclass
-class CXRStudyResult:
-    """The analysis of a study: one result per analysed image, and what was skipped."""
-
-    study_instance_uid: str
-    images: list[CXRImageResult]
-    skipped: list[Skipped]
-    models: list[ModelUsed]
-    strategy: str
-    timings: dict[str, float]
-    classes: list[CodedClass] = field(default_factory=list)
-    """The members' classes in output order, with their codes (for the SR)."""
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "pipeline": "cxr",
-            "strategy": self.strategy,
-            "images": [i.summary() for i in self.images],
-            "skipped": [s.__dict__ for s in self.skipped],
-            "models": [m.__dict__ for m in self.models],
-            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-        }
-
-
-def _box_json(box: Box) -> dict[str, float | None]:
-    return {
-        "x": round(box.x, 2),
-        "y": round(box.y, 2),
-        "width": round(box.width, 2),
-        "height": round(box.height, 2),
-        "confidence": None if box.confidence is None else round(box.confidence, 4),
-    }
-
-
-def keep_largest(mask: np.ndarray, count: int = 2, min_fraction: float = 0.005) -> np.ndarray:
-    """The ``count`` largest connected components of ``mask`` (tiny specks dropped)."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if n <= 1:
-        return np.zeros_like(mask, dtype=bool)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    order = np.argsort(areas)[::-1][:count] + 1
-    floor = min_fraction * mask.size
-    keep = [label for label in order if stats[label, cv2.CC_STAT_AREA] >= floor]
-    return np.isin(labels, keep)
-
-
-#: Probability at or above which a U-Net pixel is lung.
-LUNG_THRESHOLD = 0.5
-
-
-def lung_masks(
-    images: Sequence[np.ndarray],
-    spec: ModelSpec,
-    predict: Callable[[np.ndarray], np.ndarray],
-) -> list[np.ndarray]:
-    """Steps 2 of the pipeline: the lung masks of grey ``uint8`` images.
-
-    Each image is resized (area) to the lung model's input, scaled by its manifest's
-    ``scale``, predicted by ``predict`` (the lung U-Net, batched), thresholded at
-    :data:`LUNG_THRESHOLD` and reduced to its two largest components
-    (:func:`keep_largest`). The masks are at the U-Net's resolution. Training uses this
-    same function, so the classifiers learn on the crops the node makes.
-    """
-    mh, mw = spec.input_size
-    grey = (
-        np.stack([cv2.resize(p, (mw, mh), interpolation=cv2.INTER_AREA) for p in images]).astype(
-            np.float32
-        )[..., None]
-        * spec.scale
-    )
-    probability = np.asarray(predict(grey))[..., 0]
-    return [keep_largest(p >= LUNG_THRESHOLD) for p in probability]
-
-
-def lung_crop(pixels: np.ndarray, mask: np.ndarray, size: int) -> tuple[Box, np.ndarray, bool]:
-    """Step 3 of the pipeline: ``(box, crop, lungs_found)`` of one grey ``uint8`` image.
-
-    The box is the lungs' extent in ``mask`` relaxed by 5 % per side
-    (:func:`~dicomnode.inference.geometry.lung_box`), mapped to the image's pixels; the
-    crop is that box cut from ``pixels`` and resized to ``size`` x ``size``. Without lungs
-    in the mask the box is the whole image (``lungs_found`` False).
-    """
-    mh, mw = mask.shape
-    rows, columns = pixels.shape[:2]
-    box = lung_box(mask)
-    found = box is not None
-    if box is None:
-        box = Box(0, 0, mw, mh)  # no lung found: analyse the whole image
-    source_box = box.scaled(columns / mw, rows / mh)
-    return source_box, crop(pixels, source_box, size), found
+def decode_failure(exc: Exception, instance: InstanceInput) -> str:
+    """Why ``instance`` could not be decoded: the decoder's whole message, the file named
+    by its path relative to the data directory (not the absolute path)."""
+    name = instance.relative_path or instance.path.name
+    if isinstance(exc, ImageDecodeError):
+        return exc.naming(name)
+    if isinstance(exc, OSError):
+        return f"cannot read {name}: {exc.strerror or exc}"
+    return f"{name}: {exc}"
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -227,7 +103,11 @@ class CXRPipeline:
         self.specs: dict[str, ModelSpec] = {}
         self.models: dict[str, Any] = {}
         self.gradcam: GradCAM | None = None
+        self.weights: list[float] | None = None
         self.device = "not loaded"
+        # Keras models and the Grad-CAM tape are not safe to call from two threads at
+        # once; the worker threads share this pipeline, so model calls take turns.
+        self._model_lock = threading.Lock()
 
     # ----------------------------------------------------------------------- loading
 
@@ -259,8 +139,9 @@ class CXRPipeline:
             if value not in self.classes:
                 raise ConfigError([(f"cxr.{key}", f"{value!r} is not one of {self.classes}")])
         if s.strategy == "weighted":
-            self.weights = [self.specs[m].ensemble_weight for m in s.members]
-            if any(w is None for w in self.weights):
+            weights = [self.specs[m].ensemble_weight for m in s.members]
+            self.weights = [w for w in weights if w is not None]
+            if len(self.weights) != len(weights):
                 raise ConfigError(
                     [
                         (
@@ -284,6 +165,7 @@ class CXRPipeline:
         """One prediction per model, so the first study does not pay for graph building."""
         for name, model in self.models.items():
             spec = self.specs[name]
+            shape: tuple[int, ...]
             if spec.task == "stacking":
                 shape = (1, model.input_shape[-1])
             else:
@@ -303,7 +185,9 @@ class CXRPipeline:
         reason = None
         if not result.images:
             reason = route_reason(result.skipped)
-        return PipelineOutcome(summary=result.summary(), skipped_reason=reason, analysis=result)
+        return PipelineOutcome(
+            summary=result.summary(), skipped_reason=reason, analysis=result, note=result.note
+        )
 
     def analyse(self, study: StudyInput) -> CXRStudyResult:
         """The typed result for one study."""
@@ -316,7 +200,8 @@ class CXRPipeline:
             try:
                 decoded.append((instance, to_uint8(instance.path)))
             except (ImageDecodeError, OSError) as exc:
-                skipped.append(Skipped(instance.sop_instance_uid, UNDECODABLE, str(exc)[:300]))
+                detail = decode_failure(exc, instance)
+                skipped.append(Skipped(instance.sop_instance_uid, UNDECODABLE, detail))
         timer.add("decode", started)
         images: list[CXRImageResult] = []
         for batch in _batches(decoded, self.settings.batch_size):
@@ -332,13 +217,13 @@ class CXRPipeline:
         )
 
     def _predict(self, name: str, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.models[name].predict(batch, verbose=0))
+        with self._model_lock:
+            return np.asarray(self.models[name].predict(batch, verbose=0))
 
     def _analyse_batch(
         self, batch: Sequence[tuple[InstanceInput, Image8]], timer: _Timer
     ) -> list[CXRImageResult]:
         s = self.settings
-        # Lung mask -------------------------------------------------------------
         started = time.perf_counter()
         masks = lung_masks(
             [img.pixels for _, img in batch],
@@ -347,24 +232,18 @@ class CXRPipeline:
         )
         timer.add("lung_mask", started)
 
-        # Lung crop -------------------------------------------------------------
         started = time.perf_counter()
         member_spec = self.specs[s.members[0]]
-        cw = member_spec.input_size[1]  # square input (the seed: 256 x 256)
-        lung_boxes, crops, found = [], [], []
-        for (_, img), mask in zip(batch, masks, strict=True):
-            source_box, pixels, lungs_found = lung_crop(img.pixels, mask, cw)
-            found.append(lungs_found)
-            lung_boxes.append(source_box)
-            crops.append(pixels)
-        crops_arr = np.stack(crops).astype(np.float32)[..., None] * member_spec.scale
-        classifier_input = np.repeat(crops_arr, member_spec.channels, axis=-1)
+        size = member_spec.input_size[1]  # square input (the seed: 256 x 256)
+        crops = [
+            lung_crop(img.pixels, mask, size) for (_, img), mask in zip(batch, masks, strict=True)
+        ]
+        x = classifier_input([pixels for _, pixels, _ in crops], member_spec)
         timer.add("lung_crop", started)
 
-        # Ensemble --------------------------------------------------------------
         started = time.perf_counter()
-        member_probs = np.stack([self._predict(m, classifier_input) for m in s.members])
-        meta = (lambda x: self._predict(s.stacking, x)) if s.strategy == "stacking" else None
+        member_probs = predict_members(x, [lambda b, m=m: self._predict(m, b) for m in s.members])
+        meta = (lambda b: self._predict(s.stacking, b)) if s.strategy == "stacking" else None
         combined = combine(
             member_probs,
             s.strategy,
@@ -373,39 +252,25 @@ class CXRPipeline:
         )
         timer.add("ensemble", started)
 
-        # Grad-CAM --------------------------------------------------------------
         started = time.perf_counter()
         assert self.gradcam is not None
-        cams = self.gradcam(classifier_input, self.classes.index(s.explain_class))
+        with self._model_lock:
+            cams = self.gradcam(x, self.classes.index(s.explain_class))
         timer.add("gradcam", started)
 
         normal = self.classes.index(s.normal_class)
         abnormal = [(1.0 - float(p[normal])) >= s.abnormal_threshold for p in combined]
 
-        # Opacity boxes ---------------------------------------------------------
         started = time.perf_counter()
-        detector_maps: list[np.ndarray | None] = [None] * len(batch)
+        detector_maps: dict[int, np.ndarray] = {}
         if s.detector and any(abnormal):
-            det_spec = self.specs[s.detector]
-            dh, dw = det_spec.input_size
             which = [i for i, a in enumerate(abnormal) if a]
-            det_in = (
-                np.stack(
-                    [
-                        cv2.resize(batch[i][1].pixels, (dw, dh), interpolation=cv2.INTER_AREA)
-                        for i in which
-                    ]
-                ).astype(np.float32)[..., None]
-                * det_spec.scale
-            )
-            det_in = np.repeat(det_in, det_spec.channels, axis=-1)
+            det_in = detector_input([batch[i][1].pixels for i in which], self.specs[s.detector])
             for i, prob in zip(which, self._predict(s.detector, det_in)[..., 0], strict=True):
                 detector_maps[i] = prob
         results = []
         for i, ((instance, img), mask) in enumerate(zip(batch, masks, strict=True)):
-            lungs = cv2.resize(
-                mask.astype(np.uint8), (img.Columns, img.Rows), interpolation=cv2.INTER_NEAREST
-            ).astype(bool)
+            lung_box, _, lungs_found = crops[i]
             result = CXRImageResult(
                 sop_instance_uid=instance.sop_instance_uid,
                 sop_class_uid=instance.sop_class_uid,
@@ -417,30 +282,27 @@ class CXRPipeline:
                     for k, m in enumerate(s.members)
                 },
                 abnormal=abnormal[i],
-                lung_box=lung_boxes[i],
-                lung_found=found[i],
+                lung_box=lung_box,
+                lung_found=lungs_found,
                 boxes=[],
                 box_method="none",
                 explained_class=s.explain_class,
                 explained_by=self.explainer,
                 heatmap=cams[i],
+                source=None if img.header is None else SourceImage(img.header, img.pixels),
             )
             if abnormal[i]:
-                if detector_maps[i] is not None:
-                    prob = resize_map(detector_maps[i], img.Columns, img.Rows)  # type: ignore[arg-type]
-                    result.boxes = boxes_from_probability(prob, s.detector_threshold, lungs)
+                lungs = source_lungs(mask, img.Rows, img.Columns)
+                if i in detector_maps:
+                    result.boxes = boxes_from_detector(
+                        detector_maps[i], lungs, s.detector_threshold
+                    )
                     result.box_method = f"detector:{s.detector}"
                 else:
-                    heat = result.heatmap_in_source()
-                    result.boxes = boxes_from_probability(heat, s.gradcam_box_threshold, lungs)
+                    result.boxes = boxes_from_heatmap(
+                        result.heatmap_in_source(), lungs, s.gradcam_box_threshold
+                    )
                     result.box_method = "gradcam-threshold"
             results.append(result)
         timer.add("boxes", started)
         return results
-
-
-def route_reason(skipped: Sequence[Skipped]) -> str:
-    """Why a study had nothing to analyse (coded, counted)."""
-    from dicomnode.routing import Route
-
-    return Route((), tuple(skipped)).reason or "no instances"

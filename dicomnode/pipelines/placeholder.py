@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from dicomnode.pipelines.base import PipelineOutcome, StudyInput
+from dicomnode.pipelines.types import PipelineOutcome, StudyInput
 
 
 class PlaceholderPipeline:

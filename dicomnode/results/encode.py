@@ -1,23 +1,34 @@
 """From a pipeline's typed result to the DICOM objects that go to the outbox.
 
 The worker calls :func:`encode` after the pipeline: this is where the analysis meets
-DICOM again (the source headers, the 8-bit image for the overlay), never inside the
-pipeline's model steps.
+DICOM again, never inside the pipeline's model steps. The encoder is chosen by the
+analysis' type (:data:`ENCODERS`); the source headers and the grey image for the
+overlay come with the analysis (:class:`~dicomnode.pipelines.types.SourceImage`), so
+no source file is read or decoded again here.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomnode import __version__
 from dicomnode.config import OutputSettings
-from dicomnode.imaging import to_hu, to_uint8
-from dicomnode.inference.ct import window_uint8
-from dicomnode.pipelines.base import PipelineOutcome, ResultObject, StudyInput
+from dicomnode.errors import DicomNodeError
+from dicomnode.pipelines.types import (
+    ChestStudyResult,
+    CTSliceResult,
+    CTStudyResult,
+    CXRImageResult,
+    CXRStudyResult,
+    PipelineOutcome,
+    ResultObject,
+    SourceImage,
+    StudyInput,
+)
 from dicomnode.results.sc import CT_SC_SERIES_NUMBER, build_heatmap_sc
 from dicomnode.results.sr import build_ct_sr, build_sr
 from dicomnode.results.uids import result_uid
@@ -29,34 +40,37 @@ def _encoded(ds: Dataset) -> ResultObject:
     return ResultObject(str(ds.SOPInstanceUID), str(ds.SOPClassUID), buffer.getvalue())
 
 
+def _source(image: CXRImageResult | CTSliceResult) -> SourceImage:
+    if image.source is None:
+        raise DicomNodeError(
+            f"the analysis of {image.sop_instance_uid} carries no source header and image "
+            "(a pipeline must hand them forward to the encoders)"
+        )
+    return image.source
+
+
 def encode(
     outcome: PipelineOutcome, study: StudyInput, outputs: OutputSettings
 ) -> list[ResultObject]:
-    """The result objects for ``outcome`` (its own, plus the encoders' for its analysis)."""
+    """The result objects for ``outcome``: its own, plus the encoder's for its analysis."""
     objects = list(outcome.results)
-    analysis: Any = outcome.analysis
+    analysis = outcome.analysis
     if analysis is None:
         return objects
-    from dicomnode.pipelines.chest import ChestStudyResult
-    from dicomnode.pipelines.ct import CTStudyResult
-    from dicomnode.pipelines.cxr import CXRStudyResult
-
-    parts = [analysis.cxr, analysis.ct] if isinstance(analysis, ChestStudyResult) else [analysis]
-    for part in parts:
-        if isinstance(part, CXRStudyResult) and part.images:
-            objects += encode_cxr(part, study, outputs)
-        elif isinstance(part, CTStudyResult) and part.evidence:
-            objects += encode_ct(part, study, outputs)
-    return objects
+    encoder = ENCODERS.get(type(analysis))
+    if encoder is None:
+        raise DicomNodeError(f"no result encoder for {type(analysis).__name__}")
+    return objects + encoder(analysis, study, outputs)
 
 
-def encode_cxr(result: Any, study: StudyInput, outputs: OutputSettings) -> list[ResultObject]:
+def encode_cxr(
+    result: CXRStudyResult, study: StudyInput, outputs: OutputSettings
+) -> list[ResultObject]:
     """The TID 1500 SR and one Grad-CAM Secondary Capture per analysed radiograph."""
-    paths = {i.sop_instance_uid: i.path for i in study.instances}
-    headers = [
-        dcmread(paths[image.sop_instance_uid], stop_before_pixels=True, force=True)
-        for image in result.images
-    ]
+    if not result.images:
+        return []
+    sources = [_source(image) for image in result.images]
+    headers = [source.header for source in sources]
     institution = outputs.institution_name or None
     objects: list[ResultObject] = []
     if outputs.sr:
@@ -71,12 +85,11 @@ def encode_cxr(result: Any, study: StudyInput, outputs: OutputSettings) -> list[
         objects.append(_encoded(sr))
     if outputs.heatmap_sc:
         series_uid = result_uid(result.study_instance_uid, result.models, "sc-series")
-        for number, (image, header) in enumerate(zip(result.images, headers, strict=True), 1):
-            pixels = to_uint8(paths[image.sop_instance_uid]).pixels
+        for number, (image, source) in enumerate(zip(result.images, sources, strict=True), 1):
             sc = build_heatmap_sc(
                 image,
-                header,
-                pixels,
+                source.header,
+                source.display,
                 image.probabilities[image.explained_class],
                 series_uid=series_uid,
                 sop_uid=result_uid(
@@ -93,17 +106,18 @@ def encode_cxr(result: Any, study: StudyInput, outputs: OutputSettings) -> list[
     return objects
 
 
-def encode_ct(result: Any, study: StudyInput, outputs: OutputSettings) -> list[ResultObject]:
+def encode_ct(
+    result: CTStudyResult, study: StudyInput, outputs: OutputSettings
+) -> list[ResultObject]:
     """The chest CT SR and one Grad-CAM Secondary Capture per evidence slice.
 
     The overlay's grey image is the slice in the classifier's window (the lung window by
     default), as the classifier saw it.
     """
-    paths = {i.sop_instance_uid: i.path for i in study.instances}
-    headers = [
-        dcmread(paths[image.sop_instance_uid], stop_before_pixels=True, force=True)
-        for image in result.evidence
-    ]
+    if not result.evidence:
+        return []
+    sources = [_source(image) for image in result.evidence]
+    headers = [source.header for source in sources]
     institution = outputs.institution_name or None
     objects: list[ResultObject] = []
     if outputs.sr:
@@ -117,12 +131,11 @@ def encode_ct(result: Any, study: StudyInput, outputs: OutputSettings) -> list[R
         objects.append(_encoded(sr))
     if outputs.heatmap_sc:
         series_uid = result_uid(result.study_instance_uid, result.models, "ct-sc-series")
-        for number, (image, header) in enumerate(zip(result.evidence, headers, strict=True), 1):
-            pixels = window_uint8(to_hu(paths[image.sop_instance_uid]), *result.window)
+        for number, (image, source) in enumerate(zip(result.evidence, sources, strict=True), 1):
             sc = build_heatmap_sc(
                 image,
-                header,
-                pixels,
+                source.header,
+                source.display,
                 image.probability,
                 series_uid=series_uid,
                 sop_uid=result_uid(
@@ -138,3 +151,23 @@ def encode_ct(result: Any, study: StudyInput, outputs: OutputSettings) -> list[R
             )
             objects.append(_encoded(sc))
     return objects
+
+
+def encode_chest(
+    result: ChestStudyResult, study: StudyInput, outputs: OutputSettings
+) -> list[ResultObject]:
+    """The radiographs' objects and the CT's objects of a study analysed by both."""
+    objects: list[ResultObject] = []
+    if result.cxr is not None:
+        objects += encode_cxr(result.cxr, study, outputs)
+    if result.ct is not None:
+        objects += encode_ct(result.ct, study, outputs)
+    return objects
+
+
+#: The encoder of each typed study result (keyed by the analysis' exact type).
+ENCODERS: dict[type, Callable[[Any, StudyInput, OutputSettings], list[ResultObject]]] = {
+    CXRStudyResult: encode_cxr,
+    CTStudyResult: encode_ct,
+    ChestStudyResult: encode_chest,
+}

@@ -96,8 +96,12 @@ from dicomnode.results.common import (
 from dicomnode.results.uids import result_uid
 
 if TYPE_CHECKING:
-    from dicomnode.pipelines.ct import CTSliceResult, CTStudyResult
-    from dicomnode.pipelines.cxr import CXRImageResult, CXRStudyResult
+    from dicomnode.pipelines.types import (
+        CTSliceResult,
+        CTStudyResult,
+        CXRImageResult,
+        CXRStudyResult,
+    )
 
 #: Algorithm Name (TID 4019) of the ensemble that combines the members' probabilities.
 ENSEMBLE_ALGORITHM = "dicomnode CXR ensemble"

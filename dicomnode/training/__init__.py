@@ -95,29 +95,6 @@ def get_target(name: str) -> Target:
     return known[name]
 
 
-def evaluate_model(model_dir: Path, data_dir: Path) -> dict[str, Any]:
-    """Re-measure the model in ``model_dir`` with the target named in its manifest.
-
-    The manifest's ``[training]`` table says which target made the model; that
-    target's ``evaluate`` rewrites the card, ``metrics.json`` and the plots.
-    """
-    from dicomnode.training.export import MANIFEST_FILE, training_table
-
-    manifest = Path(model_dir) / MANIFEST_FILE
-    if not manifest.is_file():
-        raise TrainingError(f"no {MANIFEST_FILE} in {str(model_dir)!r}")
-    name = training_table(manifest).get("target")
-    if not isinstance(name, str):
-        raise TrainingError(
-            f"{str(manifest)!r} has no [training] 'target': it was not trained by "
-            "`dicomnode train`, so `dicomnode evaluate` does not know how to measure it"
-        )
-    target = get_target(name)
-    if target.evaluate is None:
-        raise TrainingError(f"training target {name!r} has no evaluation")
-    return target.evaluate(Path(model_dir), Path(data_dir))
-
-
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     """The options every ``dicomnode train TARGET`` accepts."""
     parser.add_argument(
@@ -175,7 +152,6 @@ __all__ = [
     "TrainingError",
     "add_common_arguments",
     "checkpoint_dir",
-    "evaluate_model",
     "get_target",
     "register",
     "require_dir",

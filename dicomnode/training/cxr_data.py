@@ -411,8 +411,8 @@ def lung_crops(
     and size under ``keys`` (one unique key per image, e.g. its path); ``None``
     disables the cache.
     """
+    from dicomnode.inference.lung import lung_crop, lung_masks
     from dicomnode.inference.registry import load_model, read_manifest
-    from dicomnode.pipelines.cxr import lung_crop, lung_masks
 
     spec = read_manifest(Path(lung_model) / "manifest.toml")
     cache: dict[str, np.ndarray] = {}

@@ -36,7 +36,7 @@ import json, resource, sys
 from pathlib import Path
 from pydicom import dcmread
 from dicomnode.config import CTSelectionSettings, CTSettings
-from dicomnode.pipelines.base import InstanceInput, StudyInput
+from dicomnode.pipelines.types import InstanceInput, StudyInput
 from dicomnode.pipelines.ct import CTPipeline
 
 models, folder = Path(sys.argv[1]), Path(sys.argv[2])

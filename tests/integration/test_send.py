@@ -13,7 +13,7 @@ from support import OrthancServer, queue_studies, write_config
 
 from dicomnode.config import load_settings
 from dicomnode.db import Database, Delivery, DeliveryStatus, utcnow
-from dicomnode.pipelines.base import StudyInput
+from dicomnode.pipelines.types import StudyInput
 from dicomnode.queue import OutboxItem, claim, finish
 from dicomnode.send import Sender, echo
 from dicomnode.serve import make_results_store

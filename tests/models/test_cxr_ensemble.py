@@ -24,7 +24,8 @@ import pytest
 from support import shared_data
 
 from dicomnode.imaging import to_uint8
-from dicomnode.inference.geometry import combine, crop
+from dicomnode.inference.ensemble import combine
+from dicomnode.inference.geometry import crop
 from dicomnode.inference.registry import load_model, read_manifest, sha256_of
 from dicomnode.training.cxr_data import load_cxr_set, lung_crops, to_model_input
 from dicomnode.training.export import training_table
@@ -238,7 +239,7 @@ def test_the_shipped_ensemble_runs_in_the_node_pipeline(strategy: str) -> None:
     from pydicom import dcmread
 
     from dicomnode.config import CXRSettings, RoutingSettings
-    from dicomnode.pipelines.base import InstanceInput, StudyInput
+    from dicomnode.pipelines.types import InstanceInput, StudyInput
     from dicomnode.pipelines.cxr import CXRPipeline
 
     path = shared_data(

@@ -26,7 +26,7 @@ from dicomnode.inference.ct import (
 )
 from dicomnode.inference.geometry import lung_box
 from dicomnode.inference.registry import DEFAULT_CT_WINDOW, ModelError, read_manifest
-from dicomnode.pipelines.base import InstanceInput
+from dicomnode.pipelines.types import InstanceInput
 from dicomnode.routing import (
     LOCALIZER,
     NOT_AXIAL,

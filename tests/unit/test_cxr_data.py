@@ -120,8 +120,8 @@ def test_an_unknown_crop_is_refused_with_its_value(tmp_path) -> None:  # type: i
 def test_lung_crops_are_the_pipelines_crops_and_are_cached(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Training's crops come from the CXR pipeline's functions with the shipped lung model;
     a second call reads them back from the cache instead of predicting again."""
+    from dicomnode.inference.lung import lung_crop, lung_masks
     from dicomnode.inference.registry import load_model
-    from dicomnode.pipelines.cxr import lung_crop, lung_masks
 
     lungs = cv2.GaussianBlur(np.full((400, 300), 200, np.uint8), (5, 5), 0)
     cv2.ellipse(lungs, (95, 200), (50, 120), 0, 0, 360, 40, -1)

@@ -20,8 +20,9 @@ from fixture_models import CLASSES, write_cxr_models  # noqa: E402
 
 from dicomnode.config import CXRSettings, RoutingSettings  # noqa: E402
 from dicomnode.errors import ConfigError  # noqa: E402
-from dicomnode.pipelines.base import InstanceInput, StudyInput  # noqa: E402
-from dicomnode.pipelines.cxr import CXRPipeline, keep_largest  # noqa: E402
+from dicomnode.inference.lung import keep_largest  # noqa: E402
+from dicomnode.pipelines.cxr import CXRPipeline  # noqa: E402
+from dicomnode.pipelines.types import InstanceInput, StudyInput  # noqa: E402
 from dicomnode.receive.meta import _view_evidence  # noqa: E402
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dicomnode.inference.ensemble import combine
 from dicomnode.inference.geometry import (
     Box,
     boxes_from_probability,
-    combine,
     crop,
     lung_box,
     normalize_heatmap,

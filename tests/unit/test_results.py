@@ -28,7 +28,7 @@ from support import dciodvfy
 from dicomnode.imaging import to_uint8
 from dicomnode.inference.geometry import Box
 from dicomnode.inference.registry import CodedClass
-from dicomnode.pipelines.cxr import CXRImageResult, CXRStudyResult, ModelUsed
+from dicomnode.pipelines.types import CXRImageResult, CXRStudyResult, ModelUsed
 from dicomnode.results import ResultError, box_polyline, build_heatmap_sc, build_sr, result_uid
 from dicomnode.results.common import writable_character_set
 from dicomnode.results.sc import caption, render_overlay, text_band_height

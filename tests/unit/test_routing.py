@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import RoutingSettings, parse_settings
-from dicomnode.pipelines.base import InstanceInput
+from dicomnode.pipelines.types import InstanceInput
 from dicomnode.routing import LATERAL_VIEW, NOT_A_RADIOGRAPH, NOT_CHEST, OTHER_VIEW, route_cxr
 
 RULES = RoutingSettings()

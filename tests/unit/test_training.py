@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dicomnode.inference.registry import load_model, read_manifest, sha256_of
-from dicomnode.training import TrainingError, evaluate_model, targets
+from dicomnode.training import TrainingError, targets
 from dicomnode.training import data as tdata
 from dicomnode.training import metrics as m
 from dicomnode.training.card import (
@@ -26,6 +26,7 @@ from dicomnode.training.card import (
     read_metrics,
     write_card,
 )
+from dicomnode.training.evaluate import evaluate_model
 from dicomnode.training.export import ClassCode, device_uid, export_model, verify_export
 from dicomnode.training.loop import FitSettings, fit, read_state
 

@@ -282,7 +282,7 @@ def fit_weights(member_probabilities: np.ndarray, y: np.ndarray, step: float = 0
     ``member_probabilities`` is (members, images, classes). Ties go to the weights
     closest to the plain mean, so an uninformative validation set gives equal weights.
     """
-    from dicomnode.inference.geometry import combine
+    from dicomnode.inference.ensemble import combine
     from dicomnode.training.metrics import macro_auc
 
     members = member_probabilities.shape[0]
@@ -819,7 +819,7 @@ def cross_validate_strategies(
     """
     import keras
 
-    from dicomnode.inference.geometry import combine
+    from dicomnode.inference.ensemble import combine
     from dicomnode.nets import stacking_meta
     from dicomnode.training.metrics import bootstrap_resamples, macro_auc
 
@@ -1056,7 +1056,7 @@ def _by_source_table(by_source: dict[str, dict[str, Any]]) -> str:
 
 def evaluate_stacking(model_dir: Path, data_dir: Path) -> dict[str, Any]:
     """Ensemble versus members on the held-out test patients; the stacking model's card."""
-    from dicomnode.inference.geometry import combine
+    from dicomnode.inference.ensemble import combine
     from dicomnode.inference.registry import load_model, read_manifest
     from dicomnode.training.card import write_card
     from dicomnode.training.cxr_data import CLASS_NAMES

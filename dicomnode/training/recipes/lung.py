@@ -113,8 +113,8 @@ def measure(model_dir: Path, data_dir: Path) -> dict[str, Any]:
     """Dice and IoU of the model in ``model_dir`` on each held-out test patient."""
     import cv2
 
+    from dicomnode.inference.lung import keep_largest
     from dicomnode.inference.registry import load_model, read_manifest
-    from dicomnode.pipelines.cxr import keep_largest
     from dicomnode.training import metrics as m
     from dicomnode.training.export import MANIFEST_FILE, training_table
 
