@@ -21,6 +21,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db import Database, Study, StudyState, utcnow
+from dicomnode.queue.studies import move_study
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,14 @@ def complete_due_studies(
         ).all()
         for study in studies:
             reason = "quiet" if study.quiet_until <= now else "forced"
-            study.state = StudyState.COMPLETE
-            study.completed_at = now
-            study.completion_reason = reason
+            move_study(
+                session,
+                study.id,
+                StudyState.COMPLETE,
+                StudyState.RECEIVING,
+                completed_at=now,
+                completion_reason=reason,
+            )
             if on_complete is not None:
                 on_complete(session, study)
             done.append(Completed(study.study_instance_uid, reason))

@@ -5,6 +5,8 @@ Any stage may import this module; it imports nothing of the project.
 
 from __future__ import annotations
 
+import errno
+
 
 class DicomNodeError(Exception):
     """Base class of every error dicomnode raises on purpose."""
@@ -40,3 +42,55 @@ class DatasetError(DicomNodeError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RetryableError(DicomNodeError):
+    """A failure that may not happen again (an outage of something the job needs).
+
+    Raise it (or wrap the cause in it) for conditions a later attempt can pass; the
+    worker retries such a job with backoff. Every other exception fails the job at once.
+    """
+
+
+#: Exception classes retried wherever they are raised: outages and memory, not the data.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    RetryableError,
+    MemoryError,  # out of memory: another attempt may find it free
+    ConnectionError,  # network: refused, reset, aborted
+    TimeoutError,  # network or database timeouts (socket.timeout is TimeoutError)
+)
+
+#: Third-party families matched by (top-level module, class name), so that this module
+#: imports none of them: the database drivers' and SQLAlchemy's connection errors and the
+#: accelerators' out-of-memory errors.
+_RETRYABLE_BY_NAME = {
+    ("sqlalchemy", "OperationalError"),
+    ("sqlalchemy", "InterfaceError"),
+    ("sqlalchemy", "DisconnectionError"),
+    ("sqlalchemy", "TimeoutError"),
+    ("psycopg", "OperationalError"),
+    ("sqlite3", "OperationalError"),
+    ("tensorflow", "ResourceExhaustedError"),
+    ("torch", "OutOfMemoryError"),
+}
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a job that failed with ``exc`` is tried again (see :data:`RETRYABLE`).
+
+    Deterministic failures (a corrupt image, an invalid UID, a bug, a bad model file)
+    give the same result on every attempt, so they are not retried. JAX reports an
+    accelerator out of memory as an ``XlaRuntimeError`` whose message starts with
+    ``RESOURCE_EXHAUSTED``.
+    """
+    if isinstance(exc, (*RETRYABLE, StorageFullError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True  # the disk may be freed
+    for cls in type(exc).__mro__:
+        top = cls.__module__.partition(".")[0]
+        if (top, cls.__name__) in _RETRYABLE_BY_NAME:
+            return True
+        if cls.__name__ == "XlaRuntimeError" and "RESOURCE_EXHAUSTED" in str(exc):
+            return True
+    return False

@@ -141,7 +141,7 @@ def to_uint8(source: str | os.PathLike[str] | Dataset) -> Image8:
 def header_of(ds: Dataset) -> Dataset:
     """``ds`` without its pixel data and what follows it, as ``dcmread(stop_before_pixels=True)``
     reads it (file meta kept). The elements are shared with ``ds``, not copied."""
-    header = ds[: _PIXEL_DATA_TAG]
+    header = ds[:_PIXEL_DATA_TAG]
     header.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     return header
 

@@ -22,6 +22,7 @@ from sqlalchemy.sql import Executable
 from dicomnode.config import CompletionSettings
 from dicomnode.db import Database, Instance, Job, JobStatus, Series, Study, StudyState
 from dicomnode.db.database import PreparedStatement
+from dicomnode.queue.studies import study_update
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +275,8 @@ def record_instance(
                 cursor, {"b_id": study_id}
             )
             reopened = True
-            state = StudyState.RECEIVING
+            state = StudyState.RECEIVING  # by study_update below: the study's one owner
             changes.update(
-                state=state,
                 completed_at=None,
                 completion_reason=None,
                 quiet_until=now + quiet,
@@ -292,7 +292,7 @@ def record_instance(
             dialect,
             ("update study", reopened, columns),
             lambda: (
-                update(_STUDY)
+                (study_update(StudyState.RECEIVING, _STUDY) if reopened else update(_STUDY))
                 .where(_STUDY.c.id == bindparam("b_id"))
                 # A re-opening also counts itself, incremented in SQL.
                 .values(

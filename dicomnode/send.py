@@ -1,8 +1,9 @@
 """The outbox sender: C-STORE SCU of result objects to every ``[[destinations]]`` entry.
 
-Each outbox row (one object, one destination) is claimed with a lease (its next
-attempt is pushed ``LEASE_S`` ahead in the same transaction, ``SKIP LOCKED`` on
-PostgreSQL), sent, and recorded: Success and the warning statuses (0xB000, 0xB006,
+Each outbox row (one object, one destination) is claimed with a lease
+(:func:`dicomnode.queue.outbox.claim_deliveries`: its next attempt is pushed ``LEASE_S``
+ahead in the same transaction, ``SKIP LOCKED`` on PostgreSQL), sent,
+and recorded: Success and the warning statuses (0xB000, 0xB006,
 0xB007: the PACS stored the object, perhaps coerced) count as delivered; a failure
 status or an unreachable peer is retried with backoff until ``outbox.max_age_s``,
 then the row is failed with its last status and error, visible in ``status``.
@@ -17,64 +18,22 @@ import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select, update
 
 from dicomnode.config import DestinationSettings, Settings
-from dicomnode.db import Database, Delivery, DeliveryStatus, utcnow
-from dicomnode.queue import record_delivery
+from dicomnode.db import Database
+from dicomnode.queue.outbox import Claimed, claim_deliveries, record_delivery
 from dicomnode.storage import InstanceStore
 
 log = logging.getLogger("dicomnode.send")
 
-#: How long a claimed delivery is reserved for the sender that claimed it.
-LEASE_S = 120.0
 #: C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings.
 DELIVERED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A delivery this sender holds for one attempt."""
-
-    id: int
-    sop_instance_uid: str
-    sop_class_uid: str
-    destination: str
-    path: str
-
-
-def claim_deliveries(db: Database, limit: int = 50, lease_s: float = LEASE_S) -> list[Claimed]:
-    """Reserve due deliveries for this sender (their next attempt moves ``lease_s`` ahead)."""
-    now = utcnow()
-    with db.write() as session:
-        rows = session.execute(
-            select(
-                Delivery.id,
-                Delivery.sop_instance_uid,
-                Delivery.sop_class_uid,
-                Delivery.destination,
-                Delivery.path,
-            )
-            .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
-            .order_by(Delivery.next_attempt_at, Delivery.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).all()
-        if rows:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_([r.id for r in rows]))
-                .values(next_attempt_at=now + timedelta(seconds=lease_s))
-            )
-    return [Claimed(*row) for row in rows]
 
 
 def tls_args(destination: DestinationSettings) -> tuple[ssl.SSLContext, str | None] | None:

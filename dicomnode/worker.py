@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.db import Database, Instance, Series
+from dicomnode.errors import is_retryable
 from dicomnode.pipelines import InstanceInput, Pipeline, ResultObject, StudyInput
 from dicomnode.queue import (
     ClaimedJob,
@@ -45,7 +46,12 @@ _RECLAIM_EVERY_S = 5.0
 
 
 def load_study(db: Database, store: InstanceStore, job: ClaimedJob) -> StudyInput:
-    """The study's instances as the pipeline sees them (paths and index tags)."""
+    """The study's instances as the pipeline sees them (paths and index tags).
+
+    Raises :class:`~dicomnode.errors.InvalidUIDError` (not retried) when the study's or
+    an instance's UID is empty or invalid: no result could be made for it.
+    """
+    validate_uid(job.study_instance_uid, "StudyInstanceUID")
     with db.read() as session:
         rows = session.execute(
             select(Instance, Series.series_instance_uid, Series.series_description)
@@ -72,6 +78,7 @@ def load_study(db: Database, store: InstanceStore, job: ClaimedJob) -> StudyInpu
                 relative_path=f"{store.root.name}/{inst.path}",
             )
             for inst, series_uid, description in rows
+            if validate_uid(inst.sop_instance_uid, "SOPInstanceUID")
         ),
     )
 
@@ -173,9 +180,20 @@ class Worker:
                 objects = encode(outcome, study, self.settings.outputs)
                 items = self._store_results(job, objects)
             except Exception as exc:
+                # Only outages (database, network, memory) are retried; the same input
+                # fails the same way again, so anything else fails the job at once.
+                retryable = is_retryable(exc)
                 detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                log.error("job %d failed: %s\n%s", job.id, detail, traceback.format_exc())
-                status = fail(self.db, job, self.identity, detail, self.policy)
+                log.error(
+                    "job %d failed (%s): %s\n%s",
+                    job.id,
+                    "retryable" if retryable else "not retried",
+                    detail,
+                    traceback.format_exc(),
+                )
+                status = fail(
+                    self.db, job, self.identity, detail, self.policy, retryable=retryable
+                )
                 log.info("job %d is now %s", job.id, status or "held by another worker")
                 return True
         if beat.lost:

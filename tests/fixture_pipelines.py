@@ -14,6 +14,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicomnode.errors import RetryableError
 from dicomnode.pipelines import PipelineOutcome, ResultObject, StudyInput
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -68,7 +69,7 @@ class SlowPipeline:
 
 
 class FailingPipeline:
-    """Always fails, with a recognisable message."""
+    """Always fails with a retryable error (an outage that never ends), recognisably."""
 
     name = "failing-fixture"
     version = "1"
@@ -77,7 +78,20 @@ class FailingPipeline:
         pass
 
     def run(self, study: StudyInput) -> PipelineOutcome:
-        raise RuntimeError(f"fixture failure for {study.study_instance_uid}")
+        raise RetryableError(f"fixture failure for {study.study_instance_uid}")
+
+
+class BrokenPipeline:
+    """Always fails with a deterministic error (as a corrupt input or a bug does)."""
+
+    name = "broken-fixture"
+    version = "1"
+
+    def load(self) -> None:
+        pass
+
+    def run(self, study: StudyInput) -> PipelineOutcome:
+        raise ValueError(f"fixture bug for {study.study_instance_uid}")
 
 
 def slow() -> SlowPipeline:
@@ -86,3 +100,7 @@ def slow() -> SlowPipeline:
 
 def failing() -> FailingPipeline:
     return FailingPipeline()
+
+
+def broken() -> BrokenPipeline:
+    return BrokenPipeline()

@@ -249,6 +249,25 @@ def test_a_job_that_always_fails_ends_failed_and_requeue_brings_it_back(tmp_path
         assert node.cli("requeue", "1.2.3.4.5.6.7.8.9.404").returncode == 1
 
 
+def test_a_deterministic_failure_is_not_retried_and_shows_in_status(tmp_path: Path) -> None:
+    with running_node(
+        tmp_path / "node",
+        worker={"pipeline": "fixture_pipelines:broken", "processes": 1},
+        queue={"max_attempts": 3, "retry_backoff_s": 0.2},
+    ) as node:
+        uid = generate_uid()
+        [run] = storescu([make_instance(tmp_path / "in", study_uid=uid)], node.port)
+        assert run.returncode == 0
+        node.wait_for(lambda s: s.get(uid, {}).get("state") == "failed", 60, "study failed")
+        [failed] = [f for f in node.status()["failed"] if f["study_instance_uid"] == uid]
+        assert failed["attempts"] == 1  # not 3: the same input fails the same way
+        assert f"fixture bug for {uid}" in failed["reason"]
+        reason = node.studies()[uid]["reason"]
+        assert "not retried" in reason and f"fixture bug for {uid}" in reason
+        text = node.cli("status").stdout
+        assert "not retried" in text and f"fixture bug for {uid}" in text
+
+
 def test_a_frozen_worker_loses_its_job_to_another(tmp_path: Path) -> None:
     with running_node(
         tmp_path / "node",

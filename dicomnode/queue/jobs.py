@@ -1,4 +1,14 @@
-"""Jobs as rows: enqueue, atomic claim, heartbeat, retry with backoff, stalled-job reclaim.
+"""Job state: its one owner. Jobs as rows: enqueue, atomic claim, heartbeat, retry with
+backoff, stalled-job reclaim. Every change of ``job.status`` is made by :func:`move_job`
+along :data:`JOB_TRANSITIONS` (the study's state moves with it, through
+:func:`dicomnode.queue.studies.move_study`).
+
+::
+
+    (enqueue) ──▶ queued ──claim──▶ running ──finish──▶ done
+                    ▲                  │ ──fail (not retryable, last attempt,
+                    │                  │    superseded, died too often)──▶ failed
+                    └── retry later ───┘   (a retryable failure; a stalled worker)
 
 Guarantees, each enforced by the database rather than by timing:
 
@@ -23,16 +33,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, exists, func, select, text, update
+from sqlalchemy import Update, exists, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
-from dicomnode.config import OutboxSettings, PriorityRule, QueueSettings
+from dicomnode.config import PriorityRule, QueueSettings
 from dicomnode.db import (
     Database,
-    Delivery,
-    DeliveryStatus,
     Instance,
     Job,
     JobStatus,
@@ -41,26 +49,45 @@ from dicomnode.db import (
     StudyState,
     utcnow,
 )
+from dicomnode.queue.outbox import OutboxItem, add_deliveries
+from dicomnode.queue.retry import ERROR_LIMIT, RetryPolicy
+from dicomnode.queue.studies import move_study, study_update
 
 log = logging.getLogger("dicomnode.queue")
 
 ANALYSE = "analyse"
 #: Worker deaths a job may see beyond ``max_attempts`` before it is failed.
 STALL_ALLOWANCE = 2
-#: Longest error text kept per job (the full traceback goes to the log).
-_ERROR_LIMIT = 2000
+
+#: For each status, the statuses a job may enter it from. A job is created queued
+#: (enqueue); a queued job a re-opened study no longer needs is deleted (index).
+JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.RUNNING: frozenset({JobStatus.QUEUED}),
+    JobStatus.DONE: frozenset({JobStatus.RUNNING}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING}),
+    JobStatus.FAILED: frozenset({JobStatus.RUNNING}),
+}
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff: ``base``, ``2 * base``, ``4 * base`` ... capped at ``maximum``."""
+def job_update(to: JobStatus, held_by: str | None = None) -> Update:
+    """``UPDATE job SET status = <to> WHERE status = <from>`` (and, when given, the job is
+    held by the worker ``held_by``): the one statement that changes a job's status."""
+    [source] = JOB_TRANSITIONS[to]
+    statement = update(Job).where(Job.status == source).values(status=to)
+    if held_by is not None:
+        statement = statement.where(Job.worker == held_by)
+    return statement
 
-    base_s: float
-    maximum_s: float
 
-    def delay(self, attempts: int) -> timedelta:
-        """The wait before attempt ``attempts + 1``."""
-        return timedelta(seconds=min(self.maximum_s, self.base_s * 2 ** max(0, attempts - 1)))
+def move_job(
+    session: Session, job_id: int, to: JobStatus, held_by: str | None = None, **values: Any
+) -> bool:
+    """Move one job to ``to`` (with ``values``) if its status allows it and, when
+    ``held_by`` is given, that worker holds it; False, and nothing changed, otherwise."""
+    statement = job_update(to, held_by).where(Job.id == job_id)
+    if values:
+        statement = statement.values(**values)
+    return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
 
 
 def worker_identity(name: str = "w") -> str:
@@ -139,9 +166,9 @@ def enqueue(
             index_where=text("status = 'queued'"),
         )
     )
-    created = session.execute(statement).rowcount == 1
+    created: bool = session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
     if study.state in (StudyState.COMPLETE, StudyState.RECEIVING):
-        study.state = StudyState.QUEUED
+        move_study(session, study.id, StudyState.QUEUED, StudyState(study.state))
     return created
 
 
@@ -191,10 +218,9 @@ def claim(db: Database, worker: str, now: datetime | None = None) -> ClaimedJob 
     )
     with db.write() as session:
         job = session.execute(
-            update(Job)
-            .where(Job.id == candidate, Job.status == JobStatus.QUEUED)
+            job_update(JobStatus.RUNNING)
+            .where(Job.id == candidate)
             .values(
-                status=JobStatus.RUNNING,
                 worker=worker,
                 heartbeat_at=now,
                 started_at=now,
@@ -205,16 +231,14 @@ def claim(db: Database, worker: str, now: datetime | None = None) -> ClaimedJob 
         if job is None:
             return None
         uid = session.execute(
-            update(Study)
+            study_update(StudyState.PROCESSING)
             .where(Study.id == job.study_id)
-            .values(
-                state=case(
-                    (Study.state == StudyState.QUEUED, StudyState.PROCESSING.value),
-                    else_=Study.state,
-                )
-            )
             .returning(Study.study_instance_uid)
-        ).scalar_one()
+        ).scalar_one_or_none()
+        if uid is None:  # the study was not queued (e.g. a late instance left it done)
+            uid = session.execute(
+                select(Study.study_instance_uid).where(Study.id == job.study_id)
+            ).scalar_one()
     return ClaimedJob(
         id=job.id,
         kind=job.kind,
@@ -237,15 +261,6 @@ def heartbeat(db: Database, job_id: int, worker: str, now: datetime | None = Non
     return changed == 1
 
 
-@dataclass(frozen=True)
-class OutboxItem:
-    """A stored result object to deliver."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    path: str
-
-
 def finish(
     db: Database,
     job: ClaimedJob,
@@ -266,60 +281,21 @@ def finish(
     """
     now = now or utcnow()
     with db.write() as session:
-        owned = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.worker == worker, Job.status == JobStatus.RUNNING)
-            .values(
-                status=JobStatus.DONE,
-                finished_at=now,
-                last_error=None,
-                summary=json.dumps(summary, sort_keys=True, default=str),
-            )
-        ).rowcount
-        if owned != 1:
+        if not move_job(
+            session,
+            job.id,
+            JobStatus.DONE,
+            worker,
+            finished_at=now,
+            last_error=None,
+            summary=json.dumps(summary, sort_keys=True, default=str),
+        ):
             return False
-        dialect = session.get_bind().dialect.name
-        insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
-        for item in items:
-            for destination in destinations:
-                session.execute(
-                    insert_fn(Delivery)
-                    .values(
-                        job_id=job.id,
-                        study_id=job.study_id,
-                        sop_instance_uid=item.sop_instance_uid,
-                        sop_class_uid=item.sop_class_uid,
-                        destination=destination,
-                        path=item.path,
-                        status=DeliveryStatus.PENDING,
-                        attempts=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                    )
-                    .on_conflict_do_update(
-                        index_elements=["sop_instance_uid", "destination"],
-                        # A re-run replaces the object: deliver the new version once.
-                        set_={
-                            "job_id": job.id,
-                            "path": item.path,
-                            "status": DeliveryStatus.PENDING,
-                            "attempts": 0,
-                            "next_attempt_at": now,
-                            "last_error": None,
-                            "last_status": None,
-                            "created_at": now,
-                            "delivered_at": None,
-                        },
-                    )
-                )
+        add_deliveries(session, job.id, job.study_id, items, destinations, now)
         state, reason = (
             (StudyState.SKIPPED, skipped_reason) if skipped_reason else (StudyState.DONE, note)
         )
-        session.execute(
-            update(Study)
-            .where(Study.id == job.study_id, Study.state == StudyState.PROCESSING)
-            .values(state=state, reason=reason)
-        )
+        move_study(session, job.study_id, state, StudyState.PROCESSING, reason=reason)
     return True
 
 
@@ -330,44 +306,43 @@ def fail(
     error: str,
     policy: RetryPolicy,
     now: datetime | None = None,
+    retryable: bool = True,
 ) -> str | None:
-    """Record a failed attempt: retry later, or fail for good after the last attempt.
+    """Record a failed attempt: retry later, or fail for good.
+
+    A job is failed at once when its error is not ``retryable`` (a deterministic failure:
+    the same input fails the same way, see :func:`dicomnode.errors.is_retryable`), after
+    its last attempt, or when a newer job for the study is queued. The study's reason
+    (what ``status`` shows) says which, with ``error``.
 
     Returns the job's new status, or None when the job is no longer this worker's.
     """
     now = now or utcnow()
-    error = error[:_ERROR_LIMIT]
+    error = error[:ERROR_LIMIT]
     with db.write() as session:
-        final = job.attempts >= job.max_attempts
         values: dict[str, Any] = {"last_error": error, "worker": None, "heartbeat_at": None}
-        if final:
-            values.update(status=JobStatus.FAILED, finished_at=now)
-        else:
-            values.update(status=JobStatus.QUEUED, run_after=now + policy.delay(job.attempts))
-        if not final and _has_queued_job(session, job.study_id):
+        to = JobStatus.FAILED
+        if not retryable:
+            reason = f"failed at attempt {job.attempts}, not retried (deterministic): {error}"
+        elif job.attempts >= job.max_attempts:
+            reason = f"failed after {job.attempts} attempt(s): {error}"
+        elif _has_queued_job(session, job.study_id):
             # New instances queued a fresh analysis meanwhile; that one supersedes this.
-            values.update(status=JobStatus.FAILED, finished_at=now)
             values["last_error"] = f"superseded by a newer job; last error: {error}"
-        owned = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.worker == worker, Job.status == JobStatus.RUNNING)
-            .values(**values)
-        ).rowcount
-        if owned != 1:
+            reason = f"failed after {job.attempts} attempt(s): {values['last_error']}"
+        else:
+            to = JobStatus.QUEUED
+            values["run_after"] = now + policy.delay(job.attempts)
+        if to == JobStatus.FAILED:
+            values["finished_at"] = now
+        if not move_job(session, job.id, to, worker, **values):
             return None
-        status = values["status"]
-        study_state = StudyState.FAILED if status == JobStatus.FAILED else StudyState.QUEUED
-        session.execute(
-            update(Study)
-            .where(Study.id == job.study_id, Study.state == StudyState.PROCESSING)
-            .values(
-                state=study_state,
-                reason=f"failed after {job.attempts} attempt(s): {error}"
-                if study_state == StudyState.FAILED
-                else None,
-            )
-        )
-    return str(status)
+        processing = StudyState.PROCESSING
+        if to == JobStatus.FAILED:
+            move_study(session, job.study_id, StudyState.FAILED, processing, reason=reason)
+        else:
+            move_study(session, job.study_id, StudyState.QUEUED, processing, reason=None)
+    return str(to)
 
 
 def _has_queued_job(session: Session, study_id: int) -> bool:
@@ -409,36 +384,35 @@ def reclaim_stalled(
                 f"worker {job.worker} stopped while running the job "
                 f"(no heartbeat since {job.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC)"
             )
-            job.last_error = error
-            job.worker = None
-            job.heartbeat_at = None
-            job.stalls += 1
-            # A power cut or a killed node is not the job's fault: the interrupted attempt
-            # is given back. A job that kills its worker every time still ends, after
-            # max_attempts + STALL_ALLOWANCE deaths.
-            job.attempts = max(0, job.attempts - 1)
-            too_many = job.stalls >= job.max_attempts + STALL_ALLOWANCE
+            stalls = job.stalls + 1
+            values: dict[str, Any] = {
+                "last_error": error,
+                "worker": None,
+                "heartbeat_at": None,
+                "stalls": stalls,
+                # A power cut or a killed node is not the job's fault: the interrupted
+                # attempt is given back. A job that kills its worker every time still
+                # ends, after max_attempts + STALL_ALLOWANCE deaths.
+                "attempts": max(0, job.attempts - 1),
+            }
+            too_many = stalls >= job.max_attempts + STALL_ALLOWANCE
             if too_many or _has_queued_job(session, job.study_id):
-                job.status = JobStatus.FAILED
-                job.finished_at = now
-                study_state = StudyState.FAILED
+                to = JobStatus.FAILED
+                values["finished_at"] = now
                 if too_many:
-                    job.last_error = f"the worker died {job.stalls} times running it; {error}"
+                    values["last_error"] = f"the worker died {stalls} times running it; {error}"
                 else:
-                    job.last_error = f"superseded by a newer job; {error}"
-                    study_state = StudyState.QUEUED
+                    values["last_error"] = f"superseded by a newer job; {error}"
             else:
-                job.status = JobStatus.QUEUED
-                job.run_after = now
-                study_state = StudyState.QUEUED
-            session.execute(
-                update(Study)
-                .where(Study.id == job.study_id, Study.state == StudyState.PROCESSING)
-                .values(
-                    state=study_state,
-                    reason=job.last_error if study_state == StudyState.FAILED else None,
-                )
-            )
+                to = JobStatus.QUEUED
+                values["run_after"] = now
+            move_job(session, job.id, to, row.worker, **values)
+            processing = StudyState.PROCESSING
+            if too_many:
+                reason = values["last_error"]
+                move_study(session, job.study_id, StudyState.FAILED, processing, reason=reason)
+            else:
+                move_study(session, job.study_id, StudyState.QUEUED, processing, reason=None)
             reclaimed.append(job.id)
             log.warning("reclaimed job %d: %s", job.id, error)
     return reclaimed
@@ -475,154 +449,7 @@ def requeue(
             ).first()
             if busy is not None:
                 continue
-            study.state = StudyState.COMPLETE
-            study.reason = None
+            move_study(session, study.id, StudyState.COMPLETE, reason=None)
             enqueue(session, study, settings, now)
             done.append(study.study_instance_uid)
     return done
-
-
-# --------------------------------------------------------------------------- outbox schedule
-
-
-def due_deliveries(db: Database, limit: int = 100, now: datetime | None = None) -> list[Delivery]:
-    """Pending deliveries whose next attempt is due, oldest first."""
-    now = now or utcnow()
-    with db.read() as session:
-        return list(
-            session.scalars(
-                select(Delivery)
-                .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.next_attempt_at, Delivery.id)
-                .limit(limit)
-            ).all()
-        )
-
-
-def record_delivery(
-    db: Database,
-    delivery_id: int,
-    settings: OutboxSettings,
-    delivered: bool,
-    status: int | None = None,
-    error: str | None = None,
-    now: datetime | None = None,
-) -> str:
-    """Record one delivery attempt: delivered, retry later, or failed past the maximum age."""
-    now = now or utcnow()
-    policy = RetryPolicy(settings.retry_backoff_s, settings.retry_backoff_max_s)
-    with db.write() as session:
-        row = session.get(Delivery, delivery_id, with_for_update=True)
-        if row is None or row.status != DeliveryStatus.PENDING:
-            return row.status if row else "missing"
-        row.attempts += 1
-        row.last_status = status
-        row.last_error = error[:_ERROR_LIMIT] if error else None
-        if delivered:
-            row.status = DeliveryStatus.DELIVERED
-            row.delivered_at = now
-        elif now - row.created_at >= timedelta(seconds=settings.max_age_s):
-            row.status = DeliveryStatus.FAILED
-        else:
-            row.next_attempt_at = now + policy.delay(row.attempts)
-        return str(row.status)
-
-
-# --------------------------------------------------------------------------- status
-
-
-def queue_status(db: Database, limit: int = 20) -> dict[str, Any]:
-    """Queue depth by status, running and failed jobs, deliveries: for ``dicomnode status``."""
-    with db.read() as session:
-        depth = {s.value: 0 for s in JobStatus}
-        for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
-            depth[status] = count
-        running = [
-            {
-                "study_instance_uid": uid,
-                "job": job_id,
-                "worker": worker,
-                "attempt": attempts,
-                "started_at": started.isoformat() if started else None,
-                "heartbeat_at": beat.isoformat() if beat else None,
-            }
-            for job_id, uid, worker, attempts, started, beat in session.execute(
-                select(
-                    Job.id,
-                    Study.study_instance_uid,
-                    Job.worker,
-                    Job.attempts,
-                    Job.started_at,
-                    Job.heartbeat_at,
-                )
-                .join(Study, Study.id == Job.study_id)
-                .where(Job.status == JobStatus.RUNNING)
-                .order_by(Job.started_at)
-            )
-        ]
-        failed = [
-            {
-                "study_instance_uid": uid,
-                "job": job_id,
-                "attempts": attempts,
-                "reason": error,
-                "finished_at": finished.isoformat() if finished else None,
-            }
-            for job_id, uid, attempts, error, finished in session.execute(
-                select(
-                    Job.id, Study.study_instance_uid, Job.attempts, Job.last_error, Job.finished_at
-                )
-                .join(Study, Study.id == Job.study_id)
-                .where(Job.status == JobStatus.FAILED)
-                .order_by(Job.finished_at.desc())
-                .limit(limit)
-            )
-        ]
-        deliveries = {s.value: 0 for s in DeliveryStatus}
-        for status, count in session.execute(
-            select(Delivery.status, func.count()).group_by(Delivery.status)
-        ):
-            deliveries[status] = count
-        undelivered = [
-            {
-                "sop_instance_uid": row.sop_instance_uid,
-                "destination": row.destination,
-                "status": row.status,
-                "attempts": row.attempts,
-                "last_status": row.last_status,
-                "last_error": row.last_error,
-                "next_attempt_at": row.next_attempt_at.isoformat(),
-            }
-            for row in session.scalars(
-                select(Delivery)
-                .where(Delivery.status != DeliveryStatus.DELIVERED)
-                .order_by(Delivery.created_at.desc())
-                .limit(limit)
-            )
-        ]
-    return {
-        "jobs": depth,
-        "running": running,
-        "failed": failed,
-        "deliveries": deliveries,
-        "undelivered": undelivered,
-    }
-
-
-__all__ = [
-    "ANALYSE",
-    "ClaimedJob",
-    "OutboxItem",
-    "RetryPolicy",
-    "claim",
-    "due_deliveries",
-    "enqueue",
-    "fail",
-    "finish",
-    "heartbeat",
-    "queue_status",
-    "reclaim_stalled",
-    "record_delivery",
-    "requeue",
-    "worker_identity",
-]
