@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from support import dciodvfy, instance_inputs, shared_data, synthetic_ct_series
 
 keras = pytest.importorskip("keras")
@@ -320,3 +321,22 @@ def test_a_configured_lung_mask_model_replaces_the_hu_method(
 
     walk(sr.ContentSequence)
     assert names == {"ct-tiny", "lung"}  # TID 4019: the classifier and the mask model
+
+
+def test_duplicate_slices_and_gaps_are_in_the_note_that_status_shows(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Not only in the job summary: the study's note (its reason in ``status``) names them."""
+    folder = shared_data(*SINGLES)
+    paths = synthetic_ct_series([folder / CHEST[0]], tmp_path / "s", 10)
+    by_number = {int(dcmread(p, stop_before_pixels=True).InstanceNumber): p for p in paths}
+    by_number.pop(5).unlink()  # a missing slice: a gap of twice the spacing
+    twin = dcmread(by_number[8])
+    twin.SOPInstanceUID = generate_uid()  # same position, another instance: a duplicate
+    twin.save_as(tmp_path / "s" / "twin.dcm")
+    kept = [*by_number.values(), tmp_path / "s" / "twin.dcm"]
+    outcome = _pipeline(models_dir).run(StudyInput("1.2.3", instance_inputs(kept)))
+    assert outcome.analysis is not None and outcome.skipped_reason is None
+    assert outcome.note is not None
+    assert "1 duplicate slice(s) dropped" in outcome.note
+    assert "1 gap(s) in the series (widest 2.5 mm)" in outcome.note

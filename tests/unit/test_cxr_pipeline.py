@@ -153,3 +153,50 @@ def test_inconsistent_configuration_is_refused(models_dir: Path) -> None:
         CXRPipeline(_settings(models_dir, explain_class="pneumothorax"), RoutingSettings()).load()
     with pytest.raises(ConfigError, match="stacking"):
         CXRPipeline(_settings(models_dir, strategy="stacking"), RoutingSettings()).load()
+
+
+def test_two_threads_sharing_one_pipeline_get_the_results_of_one(models_dir: Path) -> None:
+    """``worker.threads = 2``: the threads share one loaded pipeline. Run together on real
+    radiographs, each gets exactly what a lone run gets (same probabilities, boxes and
+    heat maps), and nothing raises."""
+    import threading
+
+    files = dicom_files(shared_data("dicom_cxr"))
+    pipeline = CXRPipeline(_settings(models_dir, detector="detector"), RoutingSettings())
+    pipeline.load()
+    studies = [_study(files[: len(files) // 2 + 1]), _study(files[len(files) // 2 :])]
+    alone = [pipeline.analyse(s) for s in studies]
+    assert all(r.images for r in alone)
+    start = threading.Barrier(2)
+    got: dict[int, list[object]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            start.wait(30)
+            for _ in range(3):
+                got[k].append(pipeline.analyse(studies[k]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    for k in (0, 1):
+        assert len(got[k]) == 3
+        for result in got[k]:
+            expected = alone[k]
+            assert [i.sop_instance_uid for i in result.images] == [  # type: ignore[attr-defined]
+                i.sop_instance_uid for i in expected.images
+            ]
+            for mine, ref in zip(result.images, expected.images, strict=True):  # type: ignore[attr-defined]
+                assert mine.probabilities == pytest.approx(ref.probabilities, abs=1e-5)
+                assert mine.boxes == ref.boxes and mine.box_method == ref.box_method
+                assert np.allclose(mine.heatmap, ref.heatmap, atol=1e-4)
+                assert mine.source is not None and mine.source.display.shape == (
+                    mine.rows,
+                    mine.columns,
+                )
