@@ -218,8 +218,14 @@ def verify_weights(spec: ModelSpec) -> None:
         )
 
 
-def load_model(spec: ModelSpec) -> Any:
-    """Verify and load the Keras model a manifest describes."""
+def load_model(spec: ModelSpec, mixed_precision: bool = False) -> Any:
+    """Verify and load the Keras model a manifest describes.
+
+    With ``mixed_precision`` the model computes in float16 (variables stay float32, the
+    output layers too, for stable probabilities): :func:`to_mixed_precision`. A saved
+    model keeps the dtype policy it was saved with, so setting Keras' global policy
+    alone would change nothing for it.
+    """
     import keras
 
     verify_weights(spec)
@@ -242,11 +248,37 @@ def load_model(spec: ModelSpec) -> Any:
     # A stacking meta-model takes the members' concatenated outputs, not an image.
     if spec.task != "stacking" and actual != expected:
         raise ModelError(f"{spec.manifest}: [input] says {expected} but the model takes {actual}")
-    log.info("loaded model %s %s (%s)", spec.name, spec.version, spec.weights.name)
+    if mixed_precision:
+        model = to_mixed_precision(model)
+    log.info(
+        "loaded model %s %s (%s%s)",
+        spec.name,
+        spec.version,
+        spec.weights.name,
+        ", mixed float16" if mixed_precision else "",
+    )
     return model
 
 
-def configure_devices(mixed_precision: bool = False) -> str:
+def to_mixed_precision(model: Any) -> Any:
+    """A copy of a functional ``model`` whose layers compute in float16 with float32
+    variables (Keras' ``mixed_float16`` policy), its output layers in float32; same weights."""
+    import keras
+
+    outputs = {id(t._keras_history[0]) for t in model.outputs}
+
+    def clone(layer: Any) -> Any:
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = "float32" if id(layer) in outputs else "mixed_float16"
+        return layer.__class__.from_config(config)
+
+    mixed = keras.models.clone_model(model, clone_function=clone)
+    mixed.set_weights(model.get_weights())
+    return mixed
+
+
+def configure_devices() -> str:
     """Use the GPU when the backend sees one (memory growth on); return a description."""
     import keras
 
@@ -265,6 +297,14 @@ def configure_devices(mixed_precision: bool = False) -> str:
         device = ", ".join(sorted({d.platform for d in jax.devices()}))
     else:
         device = backend
-    if mixed_precision and device not in ("CPU", "cpu"):
-        keras.mixed_precision.set_global_policy("mixed_float16")
     return f"{backend} on {device}"
+
+
+def use_mixed_precision(requested: bool, device: str) -> bool:
+    """Whether to compute in float16: when ``requested`` and ``device`` (from
+    :func:`configure_devices`) is an accelerator; a CPU has no fast float16, so there
+    the models stay float32 (logged)."""
+    on_cpu = device.endswith((" on CPU", " on cpu"))
+    if requested and on_cpu:
+        log.info("mixed_precision is on but the models run on %s: computing in float32", device)
+    return requested and not on_cpu

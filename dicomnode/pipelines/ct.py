@@ -66,6 +66,7 @@ from dicomnode.inference.registry import (
     configure_devices,
     load_model,
     read_manifest,
+    use_mixed_precision,
 )
 from dicomnode.pipelines.types import (
     NO_LUNG,
@@ -149,7 +150,8 @@ class CTPipeline:
     def load(self) -> None:
         """Read and verify the manifests, load the models, build Grad-CAM, warm up."""
         s = self.settings
-        self.device = configure_devices(s.mixed_precision)
+        self.device = configure_devices()
+        mixed = use_mixed_precision(s.mixed_precision, self.device)
         spec = self._spec(s.classifier, "ct-classifier", "classifier")
         if not spec.gradcam_layer:
             raise ConfigError([("ct.classifier", f"model {s.classifier!r} has no [gradcam] layer")])
@@ -164,9 +166,11 @@ class CTPipeline:
                 ]
             )
         self.classifier = spec
-        self.models[s.classifier] = load_model(spec)
+        self.models[s.classifier] = load_model(spec, mixed)
         if s.lung_mask:
-            self.models[s.lung_mask] = load_model(self._spec(s.lung_mask, "lung-mask", "lung_mask"))
+            self.models[s.lung_mask] = load_model(
+                self._spec(s.lung_mask, "lung-mask", "lung_mask"), mixed
+            )
         self.gradcam = GradCAM(self.models[s.classifier], spec.gradcam_layer)
         # Warm up with the shapes the studies use (classifier batches, one mask at a time).
         for name, model in self.models.items():

@@ -50,6 +50,7 @@ from dicomnode.inference.registry import (
     configure_devices,
     load_model,
     read_manifest,
+    use_mixed_precision,
 )
 from dicomnode.pipelines.types import (
     UNDECODABLE,
@@ -119,7 +120,8 @@ class CXRPipeline:
     def load(self) -> None:
         """Read and verify every manifest, load the models, build Grad-CAM, warm up."""
         s = self.settings
-        self.device = configure_devices(s.mixed_precision)
+        self.device = configure_devices()
+        mixed = use_mixed_precision(s.mixed_precision, self.device)
         names = [s.lung_mask, *s.members]
         if s.strategy == "stacking":
             if not s.stacking:
@@ -128,7 +130,7 @@ class CXRPipeline:
         if s.detector:
             names.append(s.detector)
         for name in names:
-            self.models[name] = load_model(self._spec(name))
+            self.models[name] = load_model(self._spec(name), mixed)
         classes = [self.specs[m].class_names for m in s.members]
         if any(c != classes[0] for c in classes):
             raise ConfigError(

@@ -240,3 +240,44 @@ def test_weights_only_h5_loads_into_its_architecture(tmp_path: Path) -> None:
     manifest.write_text(manifest.read_text().replace('"small_cnn"', '"resnet9000"'))
     with pytest.raises(ModelError, match="'resnet9000'"):
         load_model(read_manifest(manifest))
+
+
+def test_mixed_precision_computes_in_float16_with_float32_weights_and_outputs(
+    tmp_path: Path,
+) -> None:
+    """``mixed_precision = true``: every hidden layer of a loaded model computes in float16
+    (a saved model keeps its float32 policy unless it is converted), its variables and its
+    output layer stay float32, and the predictions match the float32 model's."""
+    from fixture_models import write_cxr_models
+
+    from dicomnode.inference.registry import use_mixed_precision
+
+    from dicomnode.inference.registry import to_mixed_precision
+    from dicomnode.nets import lung_unet
+
+    root = write_cxr_models(tmp_path / "models")
+    spec = read_manifest(root / "m1" / "manifest.toml")
+    cases = [
+        (load_model(spec), load_model(spec, mixed_precision=True), spec.input_size, 3),
+    ]
+    unet = lung_unet(input_size=64, width=4)  # the seed's U-Net, small
+    cases.append((unet, to_mixed_precision(unet), (64, 64), 1))
+    for plain, mixed, size, channels in cases:
+        assert all(layer.compute_dtype == "float32" for layer in plain.layers)
+        output_layers = {t._keras_history[0].name for t in mixed.outputs}
+        hidden = [
+            layer
+            for layer in mixed.layers
+            if layer.name not in output_layers and not isinstance(layer, keras.layers.InputLayer)
+        ]
+        assert hidden and all(layer.compute_dtype == "float16" for layer in hidden)
+        assert all(w.dtype == "float32" for layer in hidden for w in layer.weights)
+        assert all(mixed.get_layer(n).compute_dtype == "float32" for n in output_layers)
+        x = np.random.default_rng(0).random((2, *size, channels), np.float32)
+        out = np.asarray(mixed.predict(x, verbose=0))
+        assert out.dtype == np.float32
+        assert np.allclose(out, plain.predict(x, verbose=0), atol=2e-2)
+    assert use_mixed_precision(True, "tensorflow on 1 GPU(s)")
+    assert use_mixed_precision(True, "jax on gpu")
+    assert not use_mixed_precision(True, "tensorflow on CPU")  # no fast float16 there
+    assert not use_mixed_precision(False, "jax on gpu")
