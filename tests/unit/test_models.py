@@ -250,9 +250,7 @@ def test_mixed_precision_computes_in_float16_with_float32_weights_and_outputs(
     output layer stay float32, and the predictions match the float32 model's."""
     from fixture_models import write_cxr_models
 
-    from dicomnode.inference.registry import use_mixed_precision
-
-    from dicomnode.inference.registry import to_mixed_precision
+    from dicomnode.inference.registry import to_mixed_precision, use_mixed_precision
     from dicomnode.nets import lung_unet
 
     root = write_cxr_models(tmp_path / "models")
