@@ -432,7 +432,7 @@ def _table(parent: _Reader, name: str) -> Mapping[str, Any]:
 
 def _tables(parent: _Reader, name: str) -> list[tuple[int, Mapping[str, Any]]]:
     value = parent.get(name, list, [])
-    out = []
+    out: list[tuple[int, Mapping[str, Any]]] = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             parent.problems.append(

@@ -40,6 +40,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from pydicom import dcmread
@@ -114,7 +115,7 @@ def to_uint8(source: str | os.PathLike[str] | Dataset) -> Image8:
         if photometric in _MONOCHROME and frame.ndim == 2:
             unit, voi = _grey(frame, ds, invert=photometric == "MONOCHROME1")
         elif photometric == "RGB" and frame.ndim == 3 and frame.shape[2] == 3:
-            unit, voi = _luminance(frame, int(decoded["bits_stored"])), "luminance"
+            unit, voi = _luminance(frame, int(cast(int, decoded["bits_stored"]))), "luminance"
         else:
             raise _UnusableError(
                 f"PhotometricInterpretation {photometric!r} with decoded shape "

@@ -11,13 +11,13 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ClauseElement
 
 from dicomnode.config import CompletionSettings
 from dicomnode.db import Database, Instance, Job, JobStatus, Series, Study, StudyState
@@ -79,12 +79,12 @@ class RecordOutcome:
     """A previous file of this SOP Instance at another path, to delete after commit."""
 
 
-_STUDY = Study.__table__
+_STUDY = cast(Table, Study.__table__)
 #: A new instance in a study in these states joins the analysis whatever the policy.
 _NOT_YET_ANALYSED = (StudyState.COMPLETE, StudyState.QUEUED)
-_SERIES = Series.__table__
-_INSTANCE = Instance.__table__
-_JOB = Job.__table__
+_SERIES = cast(Table, Series.__table__)
+_INSTANCE = cast(Table, Instance.__table__)
+_JOB = cast(Table, Job.__table__)
 
 # record_instance runs inside every C-STORE's response time. Its statements are built
 # once, with bound parameters, compiled once per dialect and run on the DBAPI cursor
@@ -113,7 +113,7 @@ _PREPARED: dict[tuple[str, Hashable], PreparedStatement] = {}
 def _prepared(
     dialect: Dialect,
     key: Hashable,
-    build: Callable[[], Executable],
+    build: Callable[[], ClauseElement],
     column_keys: Sequence[str] | None = None,
 ) -> PreparedStatement:
     """The statement ``build`` makes, compiled once per dialect and ``key``."""
@@ -129,7 +129,7 @@ def _prepared(
 def _find_or_insert(
     cursor: Any,
     dialect: Dialect,
-    find: Executable,
+    find: ClauseElement,
     table: Any,
     key_column: str,
     values: dict[str, Any],

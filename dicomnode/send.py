@@ -23,7 +23,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import DestinationSettings, Settings
 from dicomnode.db import Database
@@ -54,7 +54,8 @@ def _associate(ae: AE, destination: DestinationSettings) -> Any:
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
-        tls_args=tls_args(destination),
+        # pynetdicom hands the server name to ssl, which takes None (no SNI check).
+        tls_args=tls_args(destination),  # type: ignore[arg-type]
     )
 
 

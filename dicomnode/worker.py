@@ -191,9 +191,7 @@ class Worker:
                     detail,
                     traceback.format_exc(),
                 )
-                status = fail(
-                    self.db, job, self.identity, detail, self.policy, retryable=retryable
-                )
+                status = fail(self.db, job, self.identity, detail, self.policy, retryable=retryable)
                 log.info("job %d is now %s", job.id, status or "held by another worker")
                 return True
         if beat.lost:

@@ -14,12 +14,13 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ class PreparedStatement:
     """
 
     def __init__(
-        self, statement: Executable, dialect: Dialect, column_keys: list[str] | None = None
+        self, statement: ClauseElement, dialect: Dialect, column_keys: list[str] | None = None
     ) -> None:
-        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=column_keys))
         self.sql = str(compiled)
         self._compiled = compiled
         self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
@@ -75,7 +76,7 @@ class PreparedStatement:
 
     def execute(self, cursor: Any, values: dict[str, Any]) -> Any:
         """Run with ``values`` (by bind or column name); the cursor, for fetching."""
-        params = self._compiled.construct_params(values)
+        params = self._compiled.construct_params(values) or {}
         for name, process in self._bind.items():
             if process is not None and params.get(name) is not None:
                 params[name] = process(params[name])
@@ -115,7 +116,7 @@ class Database:
             )
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
-            write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+            write_engine: Engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         else:
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5)
             write_engine = self.engine

@@ -53,9 +53,8 @@ def body_mask(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarra
     smaller regions (a thin air gap parts them after a one-pixel opening) and are dropped.
     Filling holes brings the lungs and airways inside; the air around the patient stays out.
     """
-    tissue = (hu > threshold).astype(np.uint8)
-    tissue = cv2.morphologyEx(tissue, cv2.MORPH_OPEN, _KERNEL3)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(tissue, 8)
+    tissue = cv2.morphologyEx((hu > threshold).astype(np.uint8), cv2.MORPH_OPEN, _KERNEL3)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(tissue, connectivity=8)
     if count <= 1:
         return np.zeros(hu.shape, bool)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -104,9 +103,9 @@ def lung_mask_hu(
         return LungMask(np.zeros(hu.shape, bool), 0.0, None)
     dy, dx = pixel_spacing or (0.7, 0.7)
     smooth = cv2.GaussianBlur(hu, (0, 0), sigmaX=1.5 / dx, sigmaY=1.5 / dy)
-    air = (smooth < threshold) & body
+    air = (np.asarray(smooth) < threshold) & body
     floor = min_component_mm2 / (dy * dx)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(air.astype(np.uint8), 8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(air.astype(np.uint8), connectivity=8)
     rows, cols = hu.shape
     keep = []
     kernel = np.ones((5, 5), np.uint8)

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -244,7 +245,7 @@ class CXRPipeline:
         timer.add("lung_crop", started)
 
         started = time.perf_counter()
-        member_probs = predict_members(x, [lambda b, m=m: self._predict(m, b) for m in s.members])
+        member_probs = predict_members(x, [partial(self._predict, m) for m in s.members])
         meta = (lambda b: self._predict(s.stacking, b)) if s.strategy == "stacking" else None
         combined = combine(
             member_probs,

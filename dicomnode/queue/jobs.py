@@ -257,7 +257,7 @@ def heartbeat(db: Database, job_id: int, worker: str, now: datetime | None = Non
             update(Job)
             .where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING)
             .values(heartbeat_at=now or utcnow())
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]
     return changed == 1
 
 

@@ -133,7 +133,7 @@ def render_overlay(
     x0, y0 = round(box.x), round(box.y)
     x1, y1 = round(box.x + box.width), round(box.y + box.height)
     heat = np.clip(image_result.heatmap_in_source()[y0:y1, x0:x1], 0.0, 1.0)
-    colour_bgr = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)
+    colour_bgr = cv2.applyColorMap((255 * heat).astype(np.uint8), cv2.COLORMAP_JET)
     colour_rgb = colour_bgr[..., ::-1].astype(np.float32)
     blended = HEATMAP_WEIGHT * colour_rgb + out[y0:y1, x0:x1].astype(np.float32)
     out[y0:y1, x0:x1] = np.clip(blended, 0, 255).astype(np.uint8)
@@ -210,7 +210,8 @@ def build_heatmap_sc(
         manufacturer=manufacturer,
         # highdicom needs an orientation it knows for PATIENT; the source's is set below.
         patient_orientation=_biped(orientation) or ("L", "F"),
-        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+        # highdicom annotates ints; the spacing is in mm, a float.
+        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,  # type: ignore[arg-type]
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=contributing_equipment(
             models,
@@ -227,7 +228,7 @@ def build_heatmap_sc(
     )
     # The source's own orientation (e.g. "P\\FL", which highdicom's enum refuses), or
     # empty (Type 2) when the source has none: never a made-up one.
-    sc.PatientOrientation = list(orientation) if orientation else None
+    sc.PatientOrientation = list(orientation) if orientation else None  # type: ignore[assignment]
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"  # made on a workstation, not captured from a modality
     sc.DeviceUID = device_uid

@@ -53,7 +53,7 @@ Series and SOP Instance UIDs from :func:`~dicomnode.results.uids.result_uid` (ki
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -348,7 +348,7 @@ def _check_geometry(image: CXRImageResult, source: Dataset) -> None:
 
 
 def _model(
-    models: dict[str, ModelDescription], name: str, image: CXRImageResult
+    models: Mapping[str, ModelDescription], name: str, image: CXRImageResult
 ) -> ModelDescription:
     try:
         return models[name]
@@ -414,7 +414,7 @@ def _image_groups(
     number: int,
     source: Dataset,
     concepts: dict[str, CodedConcept],
-    models: dict[str, ModelDescription],
+    models: Mapping[str, ModelDescription],
     manufacturer: str,
     software_version: str,
 ) -> list[MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations]:
@@ -515,7 +515,7 @@ def _image_groups(
 
 def _box_method(
     image: CXRImageResult,
-    models: dict[str, ModelDescription],
+    models: Mapping[str, ModelDescription],
     manufacturer: str,
     software_version: str,
 ) -> AlgorithmIdentification:

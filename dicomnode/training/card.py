@@ -65,7 +65,7 @@ class ModelCard:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]] | Sequence[Any]) -> str:
     """A GitHub markdown table; floats with 4 decimals."""
 
     def cell(v: Any) -> str:

@@ -61,7 +61,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -373,7 +373,7 @@ def load_cxr_set(
     lung_name = lung_sha = ""
     if crop == "lung":
         kept_pixels, lung_spec = lung_crops(
-            [greys[i] for i in keep],
+            cast(list[np.ndarray], [greys[i] for i in keep]),
             [str(images[i].path.relative_to(data_root)) for i in keep],
             size,
             lung_model,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +69,8 @@ def read_grey(path: Path | str) -> np.ndarray:
                 low, high = float(values.min()), float(values.max())
                 span = high - low if high > low else 1.0
                 return np.rint((values - low) / span * 255.0).astype(np.uint8)
-            if image.mode in ("RGBA", "LA", "P", "PA"):
-                image = image.convert("RGB")
-            return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+            colour = image.convert("RGB") if image.mode in ("RGBA", "LA", "P", "PA") else image
+            return np.asarray(colour.convert("L"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise TrainingError(f"{str(path)!r}: not a readable image: {exc}") from exc
 
@@ -99,7 +98,7 @@ def split_groups(
     keys: Iterable[str],
     salt: str,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    strata: dict[str, Hashable] | None = None,
+    strata: Mapping[str, Hashable] | None = None,
 ) -> dict[str, str]:
     """Assign each distinct group key to ``"train"``, ``"val"`` or ``"test"``.
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -305,7 +305,9 @@ def choose_channels(
 # --------------------------------------------------------------------------- surgery
 
 
-def prune_channels(model: keras.Model, keep: dict[str, Sequence[int]]) -> keras.Model:
+def prune_channels(
+    model: keras.Model, keep: Mapping[str, Sequence[int] | np.ndarray]
+) -> keras.Model:
     """A new model where convolution ``name`` keeps only channels ``keep[name]``.
 
     Layer names, inputs and outputs stay; surviving weights are copied exactly.

@@ -845,7 +845,9 @@ def cross_validate_strategies(
         out["mean"][held] = combine(p_held, "mean")
         out["vote"][held] = combine(p_held, "vote")
         out["stacking"][held] = combine(
-            p_held, "stacking", meta=lambda x, m=meta: np.asarray(m.predict(x, verbose=0))
+            p_held,
+            "stacking",
+            meta=lambda x, m=meta: np.asarray(m.predict(x, verbose=0)),  # type: ignore[misc]
         )
     resamples = bootstrap_resamples(y, bootstrap, seed)
     result = {}

@@ -251,8 +251,8 @@ def train(args: argparse.Namespace) -> Path:
                 ),
                 strict=True,
             )
-            xs, ys = np.stack(xs), np.stack(ys)
-            yield xs.astype(np.float32)[..., None] / 255.0, ys.astype(np.float32)[..., None]
+            x, y = np.stack(xs), np.stack(ys)
+            yield x.astype(np.float32)[..., None] / 255.0, y.astype(np.float32)[..., None]
 
     def validate(model: Any) -> dict[str, float]:
         probs = predict(model, val_x)[..., 0]

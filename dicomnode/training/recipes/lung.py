@@ -277,7 +277,8 @@ def train(args: argparse.Namespace) -> Path:
 
     def train_batches(epoch: int, rng: np.random.Generator):  # type: ignore[no-untyped-def]
         for batch in tdata.batches(len(train_idx), batch_size, rng):
-            xs, ys = [], []
+            xs: list[Any] = []
+            ys: list[Any] = []
             for i in train_idx[batch]:
                 x, y = augmentation.apply(rng, images[i], masks[i])
                 xs.append(x)
