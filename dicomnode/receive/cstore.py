@@ -306,7 +306,7 @@ class IncomingDataSet:
         )
         # The C-STORE handler finds the file where pynetdicom would have put it.
         primitive._dataset_path = path
-        primitive._dataset_file = handle
+        primitive._dataset_file = handle  # type: ignore[assignment]
         primitive._context_id = context_id
         return incoming
 

@@ -204,7 +204,7 @@ class HandoffAssociationServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         """Use the channel instead of binding a TCP socket."""
-        self.socket.close()
+        self.socket.close()  # type: ignore[union-attr]
         self.socket = self.channel.socket
         self.server_address = ("", 0)
 
@@ -213,7 +213,7 @@ class HandoffAssociationServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """The next connection the dispatcher passed (wrapped in TLS when configured)."""
-        message, fds, _flags, _address = socket.recv_fds(self.socket, len(_HANDOFF), 1)
+        message, fds, _flags, _address = socket.recv_fds(self.socket, len(_HANDOFF), 1)  # type: ignore[arg-type]
         if not fds:
             if message:
                 raise OSError(f"dispatcher message without a connection: {message!r}")

@@ -80,7 +80,7 @@ def handle_store(event: Event, ctx: ReceiveContext) -> int:
     request = event.request
     temporary = event.dataset_path
     ae_title, host = _peer(event)
-    sop_instance = str(request.AffectedSOPInstanceUID)
+    sop_instance = str(request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
     try:
         ctx.store.check_free_space()
         meta = read_instance_meta(

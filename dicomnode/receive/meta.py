@@ -176,7 +176,7 @@ def _scan(buf: bytes, offset: int, implicit: bool) -> dict[int, _Span]:
     Item and delimitation tags (group FFFE) sort after the pixel data, so a
     stray one at the top level also ends the scan.
     """
-    found = {}
+    found: dict[int, _Span] = {}
     while offset < len(buf):
         tag, vr, value, length = _element_at(buf, offset, implicit)
         if tag >= _PIXEL_DATA:

@@ -175,7 +175,7 @@ class EventDrivenAssociation(Association):
                 try:
                     self._serve_request(msg, context_id)
                 finally:
-                    self.dimse.msg_queue.served()
+                    self.dimse.msg_queue.served()  # type: ignore[attr-defined]
             if self._ended():
                 return
 
@@ -476,7 +476,7 @@ class EventDrivenDUL(DULServiceProvider):
     def _to_dimse(self, pdvs: list[tuple[int, memoryview]]) -> None:
         """Give PDVs to pynetdicom's DIMSE layer, as its DT-2 action does."""
         primitive = P_DATA()
-        primitive.presentation_data_value_list = [[cid, bytes(pdv)] for cid, pdv in pdvs]
+        primitive.presentation_data_value_list = [[cid, bytes(pdv)] for cid, pdv in pdvs]  # type: ignore[misc]
         self.assoc.dimse.receive_primitive(primitive)
 
     def _protocol_error(self, what: str) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import Settings, TLSSettings
@@ -80,7 +80,7 @@ def build_ae(settings: Settings, processes: int = 1) -> AE:
         # Modalities send dose reports, presentation states, etc. with a study; refusing
         # them makes many senders mark the whole transfer failed. Keep them, index them.
         sop_classes += [
-            cx.abstract_syntax
+            cx.abstract_syntax  # type: ignore[misc]
             for cx in AllStoragePresentationContexts
             if cx.abstract_syntax not in sop_classes
         ]
@@ -143,14 +143,16 @@ class Receiver:
         )
         self._server = self.ae.make_server(
             address,
-            evt_handlers=handlers,
+            evt_handlers=handlers,  # type: ignore[arg-type]
             ssl_context=ssl_context,
             request_handler=EventDrivenRequestHandler,
             **serving,
         )
-        self.ae._servers.append(self._server)
+        self.ae._servers.append(self._server)  # type: ignore[arg-type]
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="dicomnode-acceptor", daemon=True
+            target=self._server.serve_forever,  # type: ignore[union-attr]
+            name="dicomnode-acceptor",
+            daemon=True,
         )
         self._thread.start()
 
