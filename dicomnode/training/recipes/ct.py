@@ -121,8 +121,10 @@ def load_images(items: list[CTCase], size: int) -> np.ndarray:
 
 
 def _inputs(images: np.ndarray, channels: int, scale: float) -> np.ndarray:
-    x = images.astype(np.float32)[..., None] * scale
-    return np.repeat(x, channels, axis=-1) if channels > 1 else x
+    """The classifier's input from uint8 crops: the node's own step (the CT pipeline's)."""
+    from dicomnode.inference.ct import to_model_input
+
+    return to_model_input(images, channels, scale)
 
 
 def measure(model_dir: Path, data_dir: Path) -> dict[str, Any]:

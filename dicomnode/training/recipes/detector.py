@@ -124,6 +124,7 @@ def _mean_iou(probs: np.ndarray, masks: np.ndarray) -> float:
 
 def measure(model_dir: Path, labels: Path, images: Path) -> dict[str, Any]:
     """Mask IoU/Dice and image-level AUC (peak probability) on the test patients."""
+    from dicomnode.inference.detector import detector_input
     from dicomnode.inference.registry import load_model, read_manifest
     from dicomnode.training import metrics as m
     from dicomnode.training.export import MANIFEST_FILE, training_table
@@ -139,7 +140,7 @@ def measure(model_dir: Path, labels: Path, images: Path) -> dict[str, Any]:
         raise TrainingError("the test split is empty: too few labelled images")
     size = spec.input_size[0]
     pairs = [load_case(c, size) for c in test]
-    x = np.stack([p[0] for p in pairs]).astype(np.float32)[..., None] * spec.scale
+    x = detector_input([p[0] for p in pairs], spec)  # the node's own pre-processing
     masks = np.stack([p[1] for p in pairs]).astype(bool)
     probs = predict(load_model(spec), x)[..., 0]
     has = np.array([bool(c.boxes) for c in test], dtype=np.int64)
