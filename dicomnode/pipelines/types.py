@@ -7,7 +7,7 @@ analysis' type) turn that into :class:`ResultObject` s for the outbox.
 
 This module holds data only. It imports no pipeline, encoder, worker or queue module;
 its project imports are the data types of the lower layers (a box from
-:mod:`dicomnode.inference.geometry`, a coded class from :mod:`dicomnode.inference.registry`,
+:mod:`dicomnode.inference.box`, a coded class from :mod:`dicomnode.inference.registry`,
 a CT series from :mod:`dicomnode.volume`), which import none of those either.
 """
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from dicomnode.inference.geometry import Box, map_in_source
+from dicomnode.inference.box import Box
 from dicomnode.inference.registry import CodedClass
 
 if TYPE_CHECKING:
@@ -182,6 +182,8 @@ class CXRImageResult:
 
     def heatmap_in_source(self) -> np.ndarray:
         """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""
+        from dicomnode.inference.geometry import map_in_source  # OpenCV: workers only
+
         return map_in_source(self.heatmap, self.lung_box, self.rows, self.columns)
 
     def summary(self) -> dict[str, Any]:
@@ -261,6 +263,8 @@ class CTSliceResult:
         """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""
         if self.heatmap is None:
             return np.zeros((self.rows, self.columns), np.float32)
+        from dicomnode.inference.geometry import map_in_source  # OpenCV: workers only
+
         return map_in_source(self.heatmap, self.lung_box, self.rows, self.columns)
 
     def summary(self) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def test_the_stage_types_module_is_a_leaf() -> None:
     graph = grimp.build_graph("dicomnode")
     imported = graph.find_modules_directly_imported_by("dicomnode.pipelines.types")
     assert imported <= {
+        "dicomnode.inference.box",
         "dicomnode.inference.geometry",
         "dicomnode.inference.registry",
         "dicomnode.volume",
@@ -84,3 +85,19 @@ def test_the_stage_types_module_is_a_leaf() -> None:
 
 def test_every_study_result_type_has_an_encoder() -> None:
     assert set(typing.get_args(types.StudyAnalysis)) == set(ENCODERS)
+
+
+def test_a_receiving_process_does_not_load_opencv_or_keras() -> None:
+    """``serve`` (and so every receiving process) imports the pipeline registry and the
+    stage types, not the workers' libraries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import dicomnode.serve, sys; "
+        "print(sorted({'cv2', 'keras', 'tensorflow'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "[]"
