@@ -541,7 +541,8 @@ def test_a_large_data_set_in_uneven_pdus_and_an_abort_inside_the_next(tmp_path: 
     data = [dataset_bytes(path) for path in files]
     assert len(data[0]) > 3 * STAGING_BYTES
     context_syntax = "1.2.840.10008.1.2.1"
-    with running_node(tmp_path / "node") as node:
+    # PDUs up to 1.1 MB: the node must have announced that much (it aborts longer ones).
+    with running_node(tmp_path / "node", receive={"max_pdu_size": 2_097_152}) as node:
         ae = AE(ae_title="STORESCU")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [context_syntax])
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", max_pdu=0)
