@@ -379,7 +379,7 @@ class EventDrivenDUL(DULServiceProvider):
                     header = sock.recv(6)
                     if len(header) < 6:
                         # The peer closed the connection (pynetdicom: READ_PDU_EXC_A/B).
-                        self.event_queue.put("Evt17")
+                        self._transport_ended()
                         return
                     pdu_type, _, pdu_length = struct.unpack(">BBL", header)
                     if pdu_type not in _PDU_TYPES:
@@ -390,7 +390,7 @@ class EventDrivenDUL(DULServiceProvider):
                     body = sock.recv(pdu_length)
                 except (OSError, TimeoutError) as exc:
                     log.error("connection lost while reading a PDU: %s", _describe(exc))
-                    self.event_queue.put("Evt17")
+                    self._transport_ended()
                     return
                 finally:
                     sock.deadline = None
@@ -426,6 +426,14 @@ class EventDrivenDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _transport_ended(self) -> None:
+        """The connection ended (Evt17); one that never sent its request stops being
+        pending at once, not when the association thread notices."""
+        self.event_queue.put("Evt17")
+        assoc = self.assoc
+        if self._awaiting_request and isinstance(assoc, EventDrivenAssociation):
+            assoc.left_pending()
 
     def _pdu_deadline(self) -> float:
         """When the PDU about to be read must be complete (``time.monotonic``)."""
