@@ -388,7 +388,10 @@ class EventDrivenDUL(DULServiceProvider):
                         return
                     self._check_pdu_length(pdu_type, pdu_length)
                     body = sock.recv(pdu_length)
-                except (OSError, TimeoutError) as exc:
+                except TimeoutError:
+                    self._too_slow()
+                    return
+                except OSError as exc:
                     log.error("connection lost while reading a PDU: %s", _describe(exc))
                     self._transport_ended()
                     return
@@ -407,8 +410,9 @@ class EventDrivenDUL(DULServiceProvider):
                 if pdu_type != _P_DATA_TF:
                     break
                 pdvs = _split_pdvs(body)
-                if pdvs is not None:
-                    self._count_command_bytes(pdvs)
+                if pdvs is None:
+                    raise PeerLimitError("a PDV item's length runs past the end of its PDU")
+                self._count_command_bytes(pdvs)
                 if not self._take_p_data(pdvs):
                     break
                 # PDUs already read ahead are handled without a trip round the reactor,
@@ -426,6 +430,35 @@ class EventDrivenDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _lost(self, exc: BaseException) -> None:
+        """A read on the direct path failed: too slow, or the connection broke."""
+        if isinstance(exc, TimeoutError):
+            self._too_slow()
+            return
+        log.error("connection lost while reading a PDU: %s", _describe(exc))
+        self.event_queue.put("Evt17")
+
+    def _too_slow(self) -> None:
+        """A read passed its deadline: log why, once, and close the connection."""
+        log.warning(
+            "closing the connection from %s: %s",
+            _peer_address(self),
+            "its association request was not complete within receive.acse_timeout_s"
+            if self._awaiting_request
+            else "a PDU was not complete within receive.network_timeout_s",
+        )
+        if self._incoming is not None:
+            self._incoming.discard()
+            self._incoming = None
+        sock = self.socket
+        if sock is not None and sock.socket is not None:
+            sock.close()  # queues Evt17
+        else:
+            self.event_queue.put("Evt17")
+        assoc = self.assoc
+        if self._awaiting_request and isinstance(assoc, EventDrivenAssociation):
+            assoc.left_pending()
 
     def _transport_ended(self) -> None:
         """The connection ended (Evt17); one that never sent its request stops being
@@ -567,8 +600,7 @@ class EventDrivenDUL(DULServiceProvider):
                     got += read_into(view[6:])
             if lost:
                 sock.deadline = None
-                log.error("connection lost while reading a PDU: %s", _describe(lost[0]))
-                self.event_queue.put("Evt17")
+                self._lost(lost[0])
                 return True
             item_length, context_id, control = struct.unpack_from(">LBB", header, 6)
             if not (
@@ -588,10 +620,10 @@ class EventDrivenDUL(DULServiceProvider):
             sock.deadline = None
             if not received:
                 if lost:
-                    log.error("connection lost while reading a PDU: %s", _describe(lost[0]))
+                    self._lost(lost[0])
                 else:
                     log.error("connection closed inside a PDU of %d bytes", pdu_length)
-                self.event_queue.put("Evt17")
+                    self.event_queue.put("Evt17")
                 return True
             if control & 0b10:
                 self._finish_incoming()
@@ -626,7 +658,7 @@ class EventDrivenDUL(DULServiceProvider):
             )
         )
 
-    def _take_p_data(self, pdvs: list[tuple[int, memoryview]] | None) -> bool:
+    def _take_p_data(self, pdvs: list[tuple[int, memoryview]]) -> bool:
         """Handle a P-DATA-TF's PDVs here; False leaves the whole PDU to pynetdicom.
 
         Only while :meth:`_direct_path_open`. PDVs that are not part of a
@@ -635,8 +667,6 @@ class EventDrivenDUL(DULServiceProvider):
         """
         if not self._direct_path_open():
             return False
-        if pdvs is None:
-            return False  # malformed: pynetdicom's decoder reports it
         dimse = self.assoc.dimse
         if self._incoming is None and dimse.message is not None:
             return False  # pynetdicom is inside a message (a command in fragments): it ends it
