@@ -210,6 +210,7 @@ def test_02_length_bombs_are_aborted_before_memory_is_reserved(node: NodeProcess
         sock.close()
     after = memory_kib(node)
     grown_mib = (after["VmHWM"] - before["VmHWM"]) / 1024
+    print(f"peak resident memory of the node's processes grew by {grown_mib:.1f} MiB")
     assert grown_mib < 256, (before, after)
     log = node.log()
     assert log.count("more than the 262144 allowed before the association request") >= 3
@@ -268,6 +269,7 @@ def test_03_tricklers_neither_lock_out_callers_nor_stay(node: NodeProcess) -> No
         thread.join(10)
         for sock in tricklers:
             sock.close()
+    print(f"C-ECHOs answered: {answered} of {tried}; tricklers closed after (s): {closed_after}")
     assert tried >= 20
     assert answered >= 0.9 * tried, f"{answered} of {tried} C-ECHOs answered"
     assert sorted(closed_after) == list(range(17)), f"still open: {closed_after}"
