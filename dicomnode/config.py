@@ -94,11 +94,16 @@ class ReceiveSettings:
     accept_other_storage: bool = True
     processes: int = 1
     max_associations: int = 16
+    #: Connections from one peer address that have not yet sent their whole
+    #: A-ASSOCIATE-RQ; more are closed at once (docs/security.md).
+    max_pending_per_peer: int = 8
     max_pdu_size: int = 65536
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     shutdown_grace_s: float = 30.0
+    #: Reject an A-ASSOCIATE-RQ whose Called AE Title is not ``node.ae_title``.
+    check_called_ae_title: bool = True
     tls: TLSSettings | None = None
 
 
@@ -548,12 +553,16 @@ def _parse_receive(root: _Reader, base_dir: Path) -> ReceiveSettings:
         accept_other_storage=r.get("accept_other_storage", bool, d.accept_other_storage),
         processes=r.number("processes", int, d.processes, 1, 64),
         max_associations=r.number("max_associations", int, d.max_associations, 1, 1000),
+        max_pending_per_peer=r.number(
+            "max_pending_per_peer", int, d.max_pending_per_peer, 1, 10000
+        ),
         # PS3.8: 0 means unlimited, which we refuse; pynetdicom needs at least 4096.
         max_pdu_size=r.number("max_pdu_size", int, d.max_pdu_size, 4096, 2**31 - 1),
         network_timeout_s=r.number("network_timeout_s", float, d.network_timeout_s, 1),
         acse_timeout_s=r.number("acse_timeout_s", float, d.acse_timeout_s, 1),
         dimse_timeout_s=r.number("dimse_timeout_s", float, d.dimse_timeout_s, 1),
         shutdown_grace_s=r.number("shutdown_grace_s", float, d.shutdown_grace_s, 0),
+        check_called_ae_title=r.get("check_called_ae_title", bool, d.check_called_ae_title),
         tls=_parse_tls(r, base_dir),
     )
     r.check_unknown()

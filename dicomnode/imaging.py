@@ -47,6 +47,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import as_pixel_options, get_decoder
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -157,7 +158,7 @@ def _open(
     """
     if isinstance(source, Dataset):
         return source, f"dataset (SOPInstanceUID {_text(source, 'SOPInstanceUID')!r})"
-    label = os.fspath(source)
+    label = _source_label(source)
     try:
         return dcmread(Path(source), force=True), label
     except OSError:
@@ -228,6 +229,7 @@ def _first_frame(ds: Dataset, transfer_syntax: UID) -> tuple[np.ndarray, dict[st
     """
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise _UnusableError("the dataset has no Pixel Data")
+    _check_pixel_attributes(ds, transfer_syntax)
     try:
         decoder = get_decoder(transfer_syntax)
     except NotImplementedError as exc:
@@ -239,6 +241,52 @@ def _first_frame(ds: Dataset, transfer_syntax: UID) -> tuple[np.ndarray, dict[st
     except Exception as exc:
         raise _UnusableError(f"{type(exc).__name__}: {exc}") from exc
     return frame, dict(decoded), frames
+
+
+#: Bits Allocated values of the image IODs (PS3.3 C.7.6.3.1.1; 1 only for bitmaps).
+_BITS_ALLOCATED = (1, 8, 16, 32, 64)
+
+
+def _check_pixel_attributes(ds: Dataset, transfer_syntax: UID) -> None:
+    """Refuse pixel attributes that contradict each other or the pixel data.
+
+    pydicom decodes uncompressed Pixel Data longer than Rows, Columns, Samples
+    per Pixel, Number of Frames and Bits Allocated give (it warns and drops the
+    rest): BitsAllocated 1 on 8-bit data becomes an image of noise that a model
+    would analyse. Shorter data pydicom refuses itself.
+    """
+    bits_allocated = _number(ds, "BitsAllocated")
+    bits_stored = _number(ds, "BitsStored")
+    if bits_allocated is None or int(bits_allocated) not in _BITS_ALLOCATED:
+        raise _UnusableError(f"BitsAllocated {bits_allocated} is not one of {_BITS_ALLOCATED}")
+    if bits_stored is not None and not 1 <= bits_stored <= bits_allocated:
+        raise _UnusableError(
+            f"BitsStored {bits_stored:g} does not fit BitsAllocated {bits_allocated:g}"
+        )
+    if transfer_syntax.is_compressed or "PixelData" not in ds:
+        return
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except Exception as exc:  # an attribute missing or of the wrong type
+        raise _UnusableError(f"the pixel attributes are unusable: {exc}") from exc
+    actual = len(ds.PixelData)
+    if actual > expected + expected % 2 + 1:
+        raise _UnusableError(
+            f"Pixel Data holds {actual} bytes but Rows, Columns, SamplesPerPixel, "
+            f"NumberOfFrames and BitsAllocated {bits_allocated:g} give {expected}: the "
+            "attributes contradict the pixel data"
+        )
+
+
+def _source_label(path: str | os.PathLike[str]) -> str:
+    """How an error names a file: relative to the data directory when it is a stored
+    instance (``instances/<study>/<series>/<sop>.dcm``, as ``Settings.instances_dir``
+    lays them out), else as given."""
+    parts = Path(path).parts
+    if "instances" in parts[:-1]:
+        last = len(parts) - 1 - parts[::-1].index("instances")
+        return str(Path(*parts[last:]))
+    return os.fspath(path)
 
 
 # --- greyscale: Modality LUT, VOI, MONOCHROME1 --------------------------------------

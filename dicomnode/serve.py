@@ -88,6 +88,18 @@ def _install_stop_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
+def _stop_at_once_on_signals() -> None:
+    """SIGTERM and SIGINT end this process at once (the kernel's default action).
+
+    For a child while it starts (a worker loading its models takes many
+    seconds, part of them in C code where a Python handler cannot run): it has
+    nothing to hand back yet, and a supervisor that stops or dies must not have
+    to wait for it. :func:`_install_stop_signals` takes over once it is ready.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Fail early and clearly when something already listens on the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -105,22 +117,42 @@ def _check_port_free(host: str, port: int) -> None:
         probe.close()
 
 
-def _stop_with_parent() -> None:
-    """Have the kernel send this child SIGTERM when the process that started it dies.
+def _stop_with_parent(grace_s: float) -> None:
+    """Stop this child when the process that started it dies.
 
     A main process killed with SIGKILL (or by the OOM killer) then leaves no
-    receivers or workers behind; each stops as on SIGTERM. Linux only; elsewhere
-    nothing is arranged.
+    receivers or workers behind. On Linux the kernel sends SIGTERM at once
+    (``PR_SET_PDEATHSIG``). Everywhere, a daemon thread also watches the parent:
+    once it is gone, the child gets SIGTERM, and if it still runs ``grace_s``
+    (+5) seconds later (something replaced its handler, or a job does not end)
+    it exits without further clean-up.
     """
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
-        log.debug("cannot ask to be stopped with the parent process on this platform")
-        return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:
-        os.kill(os.getpid(), signal.SIGTERM)  # the parent died before prctl took effect
+        log.debug("no parent-death signal on this platform; the parent watch remains")
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid, grace_s), name="parent-watch", daemon=True
+    ).start()
+
+
+#: How often a child looks whether its parent is still there.
+_PARENT_WATCH_S = 0.5
+
+
+def _watch_parent(parent_pid: int | None, grace_s: float) -> None:
+    """Wait until the parent process is gone; then SIGTERM self, and later exit."""
+    while os.getppid() == parent_pid:
+        time.sleep(_PARENT_WATCH_S)
+    log.warning("the supervising process %s is gone: stopping", parent_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s + 5)
+    log.error("still running %.0f s after the supervising process died: exiting", grace_s + 5)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _channel_for(dispatcher: AssociationDispatcher, index: int) -> _ExtraArgs:
@@ -144,8 +176,8 @@ def _receiver_main(settings: Settings, index: int, ready: Any, channel: Receiver
     """
     configure_logging(settings.node.log_level)
     stop = threading.Event()
-    _install_stop_signals(stop)
-    _stop_with_parent()
+    _stop_at_once_on_signals()
+    _stop_with_parent(settings.receive.shutdown_grace_s)
     db = Database(settings.database.url)
     receiver = Receiver(
         settings,
@@ -156,6 +188,7 @@ def _receiver_main(settings: Settings, index: int, ready: Any, channel: Receiver
         on_channel_closed=stop.set,
     )
     receiver.start()
+    _install_stop_signals(stop)
     ready.set()
     log.info("receiver %d accepting associations", index)
     stop.wait()
@@ -163,11 +196,25 @@ def _receiver_main(settings: Settings, index: int, ready: Any, channel: Receiver
     db.dispose()
 
 
-def run_workers(settings: Settings, stop: threading.Event, ready: Any = None) -> int:
-    """Load the pipeline once, run ``worker.threads`` workers until ``stop``; return jobs done."""
+def run_workers(
+    settings: Settings,
+    stop: threading.Event,
+    ready: Any = None,
+    on_loaded: Callable[[], None] | None = None,
+) -> int:
+    """Load the pipeline once, run ``worker.threads`` workers until ``stop``; return jobs done.
+
+    ``on_loaded`` runs once the models are loaded, before any job is claimed (a
+    worker process installs its graceful stop there).
+    """
     db = Database(settings.database.url)
     pipeline = load_pipeline(settings.worker.pipeline, settings)
     pipeline.load()
+    if on_loaded is not None:
+        on_loaded()
+    if stop.is_set():
+        db.dispose()
+        return 0
     results = make_results_store(settings)
     results.prepare()
     instances = make_store(settings)
@@ -193,16 +240,23 @@ def _worker_main(settings: Settings, index: int, ready: Any) -> None:
     """Entry point of one worker process."""
     configure_logging(settings.node.log_level)
     stop = threading.Event()
-    _install_stop_signals(stop)
-    _stop_with_parent()
-    run_workers(settings, stop, ready)
+    # Until its models are loaded a SIGTERM ends the worker at once; after that it
+    # finishes or hands back its job first.
+    _stop_at_once_on_signals()
+    _stop_with_parent(settings.receive.shutdown_grace_s)
+    run_workers(settings, stop, ready, on_loaded=lambda: _install_stop_signals(stop))
+
+
+class _StoppedDuringStartError(Exception):
+    """SIGTERM or SIGINT arrived while a child was starting: stop instead of waiting."""
 
 
 class _Supervisor:
     """Keeps child processes (receivers, workers) running; restarts those that die."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
         self.settings = settings
+        self.stop_requested = stop or threading.Event()
         self.ctx = multiprocessing.get_context("spawn")
         self.children: dict[str, tuple[BaseProcess, float, Callable[..., None], _ExtraArgs]] = {}
         self.fast_failures = 0
@@ -232,6 +286,8 @@ class _Supervisor:
         self.children[name] = (proc, time.monotonic(), target, extra_args)
         deadline = time.monotonic() + timeout_s
         while not ready.wait(0.1):
+            if self.stop_requested.is_set():
+                raise _StoppedDuringStartError(name)
             if not proc.is_alive() or time.monotonic() > deadline:
                 raise DicomNodeError(f"{name} failed to start (exit code {proc.exitcode})")
 
@@ -298,7 +354,7 @@ def serve(settings: Settings) -> int:
     processes = settings.receive.processes
     receiver: Receiver | None = None
     dispatcher: AssociationDispatcher | None = None
-    supervisor = _Supervisor(settings)
+    supervisor = _Supervisor(settings, stop)
     try:
         if processes == 1:
             receiver = Receiver(settings, db, store, 1)
@@ -333,6 +389,8 @@ def serve(settings: Settings) -> int:
         )
         while not stop.wait(0.5):
             supervisor.check()
+    except _StoppedDuringStartError as exc:
+        log.info("stopping while %s was starting", exc)
     finally:
         grace = settings.receive.shutdown_grace_s
         if receiver is not None:

@@ -45,6 +45,8 @@ def _result(study: StudyInput) -> ResultObject:
 class SlowPipeline:
     """Sleeps ``DICOMNODE_TEST_DELAY_S`` seconds, then makes one result object.
 
+    Its ``load`` takes ``DICOMNODE_TEST_LOAD_DELAY_S`` seconds (default 0).
+
     With ``DICOMNODE_TEST_MARK_DIR`` set, it first creates ``<dir>/<StudyInstanceUID>``, so
     a test knows the moment processing started without polling ``status``."""
 
@@ -54,6 +56,11 @@ class SlowPipeline:
     mark_dir: Path | None = None
 
     def load(self) -> None:
+        # DICOMNODE_TEST_LOAD_DELAY_S: seconds "loading models" (a busy loop, as real
+        # loading is mostly computation), so a test can stop the node meanwhile.
+        loading_until = time.monotonic() + float(os.environ.get("DICOMNODE_TEST_LOAD_DELAY_S", "0"))
+        while time.monotonic() < loading_until:
+            sum(range(10_000))
         self.delay = float(os.environ.get("DICOMNODE_TEST_DELAY_S", "0.2"))
         mark_dir = os.environ.get("DICOMNODE_TEST_MARK_DIR")
         self.mark_dir = Path(mark_dir) if mark_dir else None

@@ -11,6 +11,7 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -740,3 +741,54 @@ def instance_inputs(paths: Iterable[Path]) -> tuple[Any, ...]:
             )
         )
     return tuple(out)
+
+
+def p_data_tf(*pdvs: tuple[int, int, bytes]) -> bytes:
+    """A P-DATA-TF PDU (PS3.8 9.3.5) with PDVs of (context ID, control header, bytes)."""
+    items = b"".join(
+        struct.pack(">LBB", len(data) + 2, context_id, control) + data
+        for context_id, control, data in pdvs
+    )
+    return struct.pack(">BBL", 0x04, 0x00, len(items)) + items
+
+
+def store_command(path: Path, message_id: int) -> bytes:
+    """The C-STORE-RQ command set for a file, as pynetdicom encodes it."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    primitive = C_STORE()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
+    primitive.AffectedSOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    primitive.Priority = 0
+    primitive.DataSet = BytesIO(b"\0\0")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    return bytes(encode(message.command_set, True, True))
+
+
+def spawned_pids(node_pid: int) -> list[int]:
+    """The node's receiving and worker processes (not Python's resource tracker)."""
+    found = []
+    for pid in descendant_pids(node_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(pid)
+    return found
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

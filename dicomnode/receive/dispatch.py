@@ -180,7 +180,80 @@ class AssociationDispatcher:
         return None
 
 
-class HandoffAssociationServer(ThreadedAssociationServer):
+#: Seconds between two log lines about one address's refused connections.
+_REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class PendingConnectionLimit:
+    """Association server mixin: few connections per peer address before association.
+
+    A connection is *pending* from its acceptance until its A-ASSOCIATE-RQ has
+    arrived (the association calls :meth:`release_pending`) or it ends. A peer
+    address with ``max_pending_per_peer`` pending connections has further ones
+    closed at once, before a thread is started for them (socketserver's
+    ``verify_request``). Pending connections hold no association slot (the
+    node's AE counts acceptors only once their request is in), so a flood of
+    bare or trickling connections from some addresses does not lock out the
+    others.
+    """
+
+    def __init__(self, *args: Any, max_pending_per_peer: int = 8, **kwargs: Any) -> None:
+        self.max_pending_per_peer = max_pending_per_peer
+        self._pending_lock = threading.Lock()
+        self._pending: dict[object, str] = {}
+        self._pending_per_peer: dict[str, int] = {}
+        self._refusals: dict[str, tuple[float, int]] = {}
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit ``request`` unless its address has too many pending connections."""
+        host = str(client_address[0] if isinstance(client_address, tuple) else client_address)
+        now = time.monotonic()
+        with self._pending_lock:
+            count = self._pending_per_peer.get(host, 0)
+            if count < self.max_pending_per_peer:
+                self._pending_per_peer[host] = count + 1
+                self._pending[request] = host
+                return True
+            logged_at, refused = self._refusals.get(host, (0.0, 0))
+            refused += 1
+            if now - logged_at < _REFUSAL_LOG_INTERVAL_S:
+                self._refusals[host] = (logged_at, refused)
+                return False
+            self._refusals[host] = (now, 0)
+        log.warning(
+            "closed %d connection(s) from %s: %d connections from that address have not "
+            "sent their association request yet (receive.max_pending_per_peer)",
+            refused,
+            host,
+            count,
+        )
+        return False
+
+    def release_pending(self, request: object) -> None:
+        """``request`` is no longer pending (its request arrived, or it ended); idempotent."""
+        with self._pending_lock:
+            host = self._pending.pop(request, None)
+            if host is None:
+                return
+            count = self._pending_per_peer.get(host, 0) - 1
+            if count > 0:
+                self._pending_per_peer[host] = count
+            else:
+                self._pending_per_peer.pop(host, None)
+
+    def pending_connections(self) -> dict[str, int]:
+        """Pending connections per peer address."""
+        with self._pending_lock:
+            return dict(self._pending_per_peer)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection whose association never started is no longer pending."""
+        self.release_pending(request)
+        super().handle_error(request, client_address)  # type: ignore[misc]
+
+
+class HandoffAssociationServer(PendingConnectionLimit, ThreadedAssociationServer):
     """A pynetdicom association server fed by a dispatcher instead of ``accept``.
 
     Its "listening socket" is the receiving process's end of the channel: it is
@@ -238,6 +311,13 @@ class HandoffAssociationServer(ThreadedAssociationServer):
         """A connection whose association thread never started counts as ended."""
         super().handle_error(request, client_address)
         self.association_ended()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """:class:`PendingConnectionLimit`'s check; a refused connection counts as ended."""
+        if super().verify_request(request, client_address):
+            return True
+        self.association_ended()
+        return False
 
     def association_ended(self) -> None:
         """Count one finished association (called at the end of its thread)."""

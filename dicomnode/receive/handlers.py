@@ -25,6 +25,8 @@ log = logging.getLogger("dicomnode.receive")
 
 # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognized (PS3.8 9.3.4).
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+# A-ASSOCIATE-RJ: rejected-permanent, service-user, called AE title not recognized.
+_REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,24 @@ def caller_allowed(settings: ReceiveSettings, ae_title: str, host: str) -> bool:
     )
 
 
-def handle_requested(event: Event, settings: ReceiveSettings) -> None:
-    """EVT_REQUESTED: reject callers that ``[[receive.callers]]`` does not list."""
+def handle_requested(event: Event, settings: ReceiveSettings, node_ae_title: str) -> None:
+    """EVT_REQUESTED: reject callers that ``[[receive.callers]]`` does not list, and
+    (``receive.check_called_ae_title``) requests addressed to another AE title."""
     ae_title, host = _peer(event)
+    primitive = event.assoc.requestor.primitive
+    called = str(primitive.called_ae_title if primitive else "").strip()
+    if settings.check_called_ae_title and called != node_ae_title.strip():
+        log.warning(
+            "rejected association from calling AE %r at %s: called AE title %r is not "
+            "this node's (%r; receive.check_called_ae_title is true)",
+            ae_title,
+            host,
+            called,
+            node_ae_title,
+        )
+        event.assoc.acse.send_reject(*_REJECT_CALLED_AE)
+        event.assoc.kill()
+        return
     if not caller_allowed(settings, ae_title, host):
         log.warning(
             "rejected association from calling AE %r at %s: not in [[receive.callers]] "

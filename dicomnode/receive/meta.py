@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,11 @@ _Span = tuple[bytes | None, int, int, int, int]
 
 
 class _EndOfBufferError(Exception):
-    """The bytes read so far end inside an element."""
+    """The bytes read so far end inside an element (the message says where)."""
+
+
+class TruncatedDataSetError(ValueError):
+    """The file ends inside an element: the data set was cut short."""
 
 
 class _UnusualEncodingError(Exception):
@@ -132,7 +137,7 @@ def _element_at(
     """The element at ``offset``: tag, explicit VR, value offset, value length (None:
     undefined). Little endian only."""
     if offset + 8 > len(buf):
-        raise _EndOfBufferError
+        raise _EndOfBufferError(f"an element header at offset {offset}")
     group, element, length = struct.unpack_from("<HHL", buf, offset)
     tag = group << 16 | element
     vr = None
@@ -145,7 +150,7 @@ def _element_at(
             (length,) = struct.unpack_from("<H", buf, offset + 6)
             return tag, vr, value, length
         if offset + 12 > len(buf):
-            raise _EndOfBufferError
+            raise _EndOfBufferError(f"the header of element {_tag_text(tag)} at offset {offset}")
         (length,) = struct.unpack_from("<L", buf, offset + 8)
         value = offset + 12
     return tag, vr, value, None if length == _UNDEFINED_LENGTH else length
@@ -167,7 +172,7 @@ def _skip_undefined(buf: bytes, offset: int, implicit: bool, delimiter: int) -> 
         else:
             offset = value + length
         if offset > len(buf):
-            raise _EndOfBufferError
+            raise _EndOfBufferError(_runs_past(tag, value, length, len(buf)))
 
 
 def _scan(buf: bytes, offset: int, implicit: bool) -> dict[int, _Span]:
@@ -180,6 +185,9 @@ def _scan(buf: bytes, offset: int, implicit: bool) -> dict[int, _Span]:
     while offset < len(buf):
         tag, vr, value, length = _element_at(buf, offset, implicit)
         if tag >= _PIXEL_DATA:
+            if tag == _PIXEL_DATA and length is not None:
+                # Where its value ends, for the caller to compare with the file size.
+                found[tag] = (vr, offset, value, value + length, value + length)
             return found
         if length is None:
             end = _skip_undefined(buf, value, implicit or vr == b"UN", _SEQUENCE_DELIMITATION)
@@ -187,11 +195,23 @@ def _scan(buf: bytes, offset: int, implicit: bool) -> dict[int, _Span]:
         else:
             end = value_end = value + length
             if end > len(buf):
-                raise _EndOfBufferError
+                raise _EndOfBufferError(_runs_past(tag, value, length, len(buf)))
         if tag in _WANTED:
             found[tag] = (vr, offset, value, value_end, end)
         offset = end
     return found
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _runs_past(tag: int, value: int, length: int | None, available: int) -> str:
+    """Where an element runs past the bytes at hand (no value: it may be patient data)."""
+    return (
+        f"element {_tag_text(tag)} declares {length} bytes at offset {value}, "
+        f"{max(0, available - value)} remain"
+    )
 
 
 def _encodings(buf: bytes, charset: _Span | None) -> list[str]:
@@ -223,10 +243,15 @@ def read_header(path: Path, transfer_syntax_uid: str) -> dict[str, Any]:
     falls back to ``dcmread(force=True)``; the unit tests check that both paths
     give the same values for every shared and generated test file.
     """
-    with contextlib.suppress(Exception):
+    values: dict[str, Any] | None = None
+    try:
         values = _read_header_direct(path, transfer_syntax_uid)
-        if values is not None:
-            return values
+    except TruncatedDataSetError:
+        raise
+    except Exception:  # anything else unusual: pydicom reads it
+        values = None
+    if values is not None:
+        return values
     ds = dcmread(path, stop_before_pixels=True, force=True)
     return {keyword: ds.get(keyword) for keyword in (*HEADER_KEYWORDS, "ViewCodeSequence")}
 
@@ -238,6 +263,7 @@ def _read_header_direct(path: Path, transfer_syntax_uid: str) -> dict[str, Any] 
     implicit = transfer_syntax_uid == ImplicitVRLittleEndian
     size = _HEADER_READ
     with open(path, "rb") as handle:
+        file_size = os.fstat(handle.fileno()).st_size
         while True:
             buf = handle.read(size)
             # 128-byte preamble, "DICM", then (0002,0000) UL 4: the group length.
@@ -247,13 +273,21 @@ def _read_header_direct(path: Path, transfer_syntax_uid: str) -> dict[str, Any] 
             try:
                 found = _scan(buf, 144 + group_length, implicit)
                 break
-            except _EndOfBufferError:
+            except _EndOfBufferError as exc:
                 if len(buf) < size:
-                    return None  # the file ends inside its header: dcmread says how
+                    # The whole file is read and ends inside an element: pydicom would
+                    # take the short value as it is (a Study Instance UID cut to "1").
+                    raise TruncatedDataSetError(f"the data set is cut short: {exc}") from None
                 size *= 4
                 handle.seek(0)
             except _UnusualEncodingError:
                 return None
+    pixels = found.pop(_PIXEL_DATA, None)
+    if pixels is not None and pixels[3] > file_size:
+        raise TruncatedDataSetError(
+            "the data set is cut short: "
+            + _runs_past(_PIXEL_DATA, pixels[2], pixels[3] - pixels[2], file_size)
+        )
     encodings: list[str] | None = None
     values: dict[str, Any] = {}
     for keyword, tag, vr in _HEADER_TAGS:

@@ -55,6 +55,7 @@ import ssl
 import struct
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,30 @@ _READ_AHEAD = 256 * 1024
 #: Longest the DUL sleeps in ``select`` without a wake-up, to look at its ARTIM
 #: timer and kill flag (both also arrive with a wake-up; this is a safety net).
 _DUL_WAIT_S = 0.05
+_A_ASSOCIATE_RQ = 0x01
+#: Largest PDU read before the association request has arrived, and of any PDU
+#: other than P-DATA-TF (an A-ASSOCIATE-RQ with 128 presentation contexts of 20
+#: transfer syntaxes each is about 70 KB; A-RELEASE and A-ABORT are 10 bytes).
+CONTROL_PDU_LIMIT = 256 * 1024
+#: Bytes of one DIMSE command set, over its fragments, that pynetdicom may gather
+#: in memory (a C-STORE-RQ's is about 200 bytes).
+COMMAND_SET_LIMIT = 64 * 1024
+#: A-ABORT source and reasons (PS3.8 9.3.8): service-provider (A-P-ABORT),
+#: unexpected PDU parameter, invalid PDU parameter value.
+_ABORT_SOURCE_PROVIDER = 0x02
+ABORT_UNEXPECTED_PARAMETER = 0x05
+ABORT_INVALID_PARAMETER = 0x06
+#: How often the acceptor looks whether its connection ended while it waits for
+#: the association request.
+_REQUEST_POLL_S = 0.05
+
+
+class PeerLimitError(Exception):
+    """The peer broke a limit: the association is aborted (A-P-ABORT) with ``reason``."""
+
+    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _split_pdvs(body: bytearray) -> list[tuple[int, memoryview]] | None:
@@ -109,6 +134,18 @@ def _split_pdvs(body: bytearray) -> list[tuple[int, memoryview]] | None:
         pdvs.append((body[offset + 4], view[offset + 5 : end]))
         offset = end
     return pdvs
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for the log: its message, or its type when it has none."""
+    return str(exc) or type(exc).__name__
+
+
+def _peer_address(dul: DULServiceProvider) -> str:
+    """The peer's IP address, for the log (never anything the peer sent)."""
+    with contextlib.suppress(Exception):
+        return str(dul.assoc.requestor.address)
+    return "an unknown peer"
 
 
 class MessageQueue(queue.Queue):  # type: ignore[type-arg]
@@ -153,12 +190,58 @@ class EventDrivenAssociation(Association):
         self.dimse.msg_queue.__class__ = MessageQueue
 
     def run_reactor(self) -> None:
-        """pynetdicom's acceptor; then, if a dispatcher fed the server, count it ended."""
+        """pynetdicom's acceptor; then remove what it left in ``incoming/``, free its
+        place among the peer's pending connections and, if a dispatcher fed the
+        server, count it ended."""
         try:
             super().run_reactor()
         finally:
+            self.left_pending()
+            self._remove_partial_files()
             if isinstance(self._server, HandoffAssociationServer):
                 self._server.association_ended()
+
+    def left_pending(self) -> None:
+        """The connection is no longer waiting for its association request (idempotent)."""
+        release = getattr(self._server, "release_pending", None)
+        key = self.__dict__.pop("pending_key", None)
+        if release is not None and key is not None:
+            release(key)
+
+    def _remove_partial_files(self) -> None:
+        """Delete the data sets of this association that no handler took.
+
+        pynetdicom's own path (a command in several fragments, anything the
+        direct path leaves to it) writes each data set to a temporary file in
+        ``incoming/`` and deletes it only after the C-STORE handler ran; a data
+        set cut off by an abort, or complete but still queued when the
+        association ended, stays behind. The direct path cleans up its own
+        (:meth:`EventDrivenDUL.run_reactor`).
+        """
+        paths: list[Any] = []
+        message = getattr(self.dimse, "message", None)
+        if message is not None:
+            handle = getattr(message, "_data_set_file", None)
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    handle.close()
+            paths.append(getattr(message, "_data_set_path", None))
+            self.dimse.message = None
+        while True:
+            try:
+                _context_id, primitive = self.dimse.msg_queue.get(block=False)
+            except queue.Empty:
+                break
+            handle = getattr(primitive, "_dataset_file", None)
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    handle.close()
+            paths.append(getattr(primitive, "_dataset_path", None))
+        for path in paths:
+            if isinstance(path, tuple):  # (path, offset): a file pynetdicom did not write
+                continue
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -237,6 +320,14 @@ class EventDrivenDUL(DULServiceProvider):
     _incoming: IncomingDataSet | None
     #: Its buffers, made for the first data set and kept for the association.
     _staging: StagingBuffers | None
+    #: True until the whole A-ASSOCIATE-RQ has been read.
+    _awaiting_request: bool
+    #: When (``time.monotonic``) the A-ASSOCIATE-RQ must have arrived.
+    _request_deadline: float
+    #: Seconds one PDU may take from its first byte to its last.
+    _pdu_time_s: float
+    #: Bytes of the DIMSE command set pynetdicom is gathering (fragments so far).
+    _command_bytes: int
 
     def enable(self) -> None:
         """Turn a pynetdicom DUL (not started yet) into this class."""
@@ -245,6 +336,11 @@ class EventDrivenDUL(DULServiceProvider):
         self._target = make_target(self.run_reactor)
         self._incoming = None
         self._staging = None
+        # The whole A-ASSOCIATE-RQ must arrive within acse_timeout_s of the connection.
+        self._awaiting_request = True
+        self._request_deadline = time.monotonic() + float(self.assoc.acse_timeout or 30)
+        self._pdu_time_s = float(self.assoc.network_timeout or 60)
+        self._command_bytes = 0
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
@@ -267,43 +363,65 @@ class EventDrivenDUL(DULServiceProvider):
         """Read one PDU; a middle fragment of a data set goes straight to its file.
 
         Anything else (and any PDU while someone listens to raw PDU events) is
-        given to pynetdicom exactly as its own reader would.
+        given to pynetdicom exactly as its own reader would. A PDU whose length
+        is over the limit (:meth:`_pdu_limit`) is never read: the association
+        is aborted. Each PDU must arrive before its deadline
+        (:meth:`_pdu_deadline`), however slowly its bytes come.
         """
         sock = self.socket
         assert isinstance(sock, BulkReadSocket)
-        if self._incoming is not None and self._receive_fragments(sock):
-            return
-        while True:
-            try:
-                header = sock.recv(6)
-                if len(header) < 6:
-                    # The peer closed the connection (pynetdicom: READ_PDU_EXC_A/B).
+        try:
+            if self._incoming is not None and self._receive_fragments(sock):
+                return
+            while True:
+                try:
+                    sock.deadline = self._pdu_deadline()
+                    header = sock.recv(6)
+                    if len(header) < 6:
+                        # The peer closed the connection (pynetdicom: READ_PDU_EXC_A/B).
+                        self._transport_ended()
+                        return
+                    pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+                    if pdu_type not in _PDU_TYPES:
+                        log.error("unknown PDU type 0x%02X received", pdu_type)
+                        self.event_queue.put("Evt19")
+                        return
+                    self._check_pdu_length(pdu_type, pdu_length)
+                    body = sock.recv(pdu_length)
+                except TimeoutError:
+                    self._too_slow()
+                    return
+                except OSError as exc:
+                    log.error("connection lost while reading a PDU: %s", _describe(exc))
+                    self._transport_ended()
+                    return
+                finally:
+                    sock.deadline = None
+                if len(body) != pdu_length:
+                    log.error(
+                        "connection closed inside a PDU (%d of %d bytes received)",
+                        len(body),
+                        pdu_length,
+                    )
                     self.event_queue.put("Evt17")
                     return
-                pdu_type, _, pdu_length = struct.unpack(">BBL", header)
-                if pdu_type not in _PDU_TYPES:
-                    log.error("unknown PDU type 0x%02X received", pdu_type)
-                    self.event_queue.put("Evt19")
+                if pdu_type == _A_ASSOCIATE_RQ:
+                    self._awaiting_request = False
+                if pdu_type != _P_DATA_TF:
+                    break
+                pdvs = _split_pdvs(body)
+                if pdvs is None:
+                    raise PeerLimitError("a PDV item's length runs past the end of its PDU")
+                self._count_command_bytes(pdvs)
+                if not self._take_p_data(pdvs):
+                    break
+                # PDUs already read ahead are handled without a trip round the reactor,
+                # unless the state machine now has something to do.
+                if sock.buffered() < 6 or not self.event_queue.empty():
                     return
-                body = sock.recv(pdu_length)
-            except (OSError, TimeoutError) as exc:
-                log.error("connection lost while reading a PDU: %s", exc)
-                self.event_queue.put("Evt17")
-                return
-            if len(body) != pdu_length:
-                log.error(
-                    "connection closed inside a PDU (%d of %d bytes received)",
-                    len(body),
-                    pdu_length,
-                )
-                self.event_queue.put("Evt17")
-                return
-            if not (pdu_type == _P_DATA_TF and self._take_p_data(body)):
-                break
-            # PDUs already read ahead are handled without a trip round the reactor,
-            # unless the state machine now has something to do.
-            if sock.buffered() < 6 or not self.event_queue.empty():
-                return
+        except PeerLimitError as exc:
+            self._abort_connection(str(exc), exc.reason)
+            return
         try:
             pdu, event = self._decode_pdu(bytearray(header) + body)
         except Exception:
@@ -312,6 +430,139 @@ class EventDrivenDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _lost(self, exc: BaseException) -> None:
+        """A read on the direct path failed: too slow, or the connection broke."""
+        if isinstance(exc, TimeoutError):
+            self._too_slow()
+            return
+        log.error("connection lost while reading a PDU: %s", _describe(exc))
+        self.event_queue.put("Evt17")
+
+    def _too_slow(self) -> None:
+        """A read passed its deadline: log why, once, and close the connection."""
+        log.warning(
+            "closing the connection from %s: %s",
+            _peer_address(self),
+            "its association request was not complete within receive.acse_timeout_s"
+            if self._awaiting_request
+            else "a PDU was not complete within receive.network_timeout_s",
+        )
+        if self._incoming is not None:
+            self._incoming.discard()
+            self._incoming = None
+        sock = self.socket
+        if sock is not None and sock.socket is not None:
+            sock.close()  # queues Evt17
+        else:
+            self.event_queue.put("Evt17")
+        assoc = self.assoc
+        if self._awaiting_request and isinstance(assoc, EventDrivenAssociation):
+            assoc.left_pending()
+
+    def _transport_ended(self) -> None:
+        """The connection ended (Evt17); one that never sent its request stops being
+        pending at once, not when the association thread notices."""
+        self.event_queue.put("Evt17")
+        assoc = self.assoc
+        if self._awaiting_request and isinstance(assoc, EventDrivenAssociation):
+            assoc.left_pending()
+
+    def _pdu_deadline(self) -> float:
+        """When the PDU about to be read must be complete (``time.monotonic``)."""
+        if self._awaiting_request:
+            return self._request_deadline
+        return time.monotonic() + self._pdu_time_s
+
+    def _pdu_limit(self, pdu_type: int) -> int:
+        """The largest length a PDU of ``pdu_type`` may declare now.
+
+        P-DATA-TF after the association request: the maximum length this node
+        announced in its A-ASSOCIATE-AC (``receive.max_pdu_size``; PS3.8 D.1
+        counts the PDU's variable field, which is what its length gives).
+        Anything else, or before the request: :data:`CONTROL_PDU_LIMIT`.
+        """
+        if pdu_type == _P_DATA_TF and not self._awaiting_request:
+            return int(self.assoc.acceptor.maximum_length or 2**32 - 1)
+        return CONTROL_PDU_LIMIT
+
+    def _check_pdu_length(self, pdu_type: int, pdu_length: int) -> None:
+        """Raise :class:`PeerLimitError` when ``pdu_length`` is over :meth:`_pdu_limit`."""
+        limit = self._pdu_limit(pdu_type)
+        if pdu_length > limit:
+            raise PeerLimitError(
+                f"PDU of type 0x{pdu_type:02X} declares {pdu_length} bytes, more than the "
+                f"{limit} allowed"
+                + (" (receive.max_pdu_size)" if pdu_type == _P_DATA_TF else "")
+                + (" before the association request" if self._awaiting_request else "")
+            )
+
+    def _count_command_bytes(self, pdvs: list[tuple[int, memoryview]]) -> None:
+        """Keep the command set pynetdicom gathers in memory under :data:`COMMAND_SET_LIMIT`."""
+        for _context_id, pdv in pdvs:
+            control = pdv[0]
+            if not control & 0b01:
+                continue
+            self._command_bytes += len(pdv) - 1
+            if self._command_bytes > COMMAND_SET_LIMIT:
+                raise PeerLimitError(
+                    f"a DIMSE command set of more than {COMMAND_SET_LIMIT} bytes",
+                    ABORT_UNEXPECTED_PARAMETER,
+                )
+            if control & 0b10:
+                self._command_bytes = 0
+
+    def _abort_connection(self, what: str, reason: int) -> None:
+        """A-P-ABORT with ``reason``, logged once (no patient data), and close.
+
+        The A-ABORT goes out at once, then the connection is closed (Evt17), so
+        nothing more is read from a peer that broke a limit.
+        """
+        log.error("aborting association with %s: %s", _peer_address(self), what)
+        if self._incoming is not None:
+            self._incoming.discard()
+            self._incoming = None
+        abort = A_ABORT_RQ()
+        abort.source = _ABORT_SOURCE_PROVIDER
+        abort.reason_diagnostic = reason
+        sock = self.socket
+        if sock is not None:
+            conn = sock.socket
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.settimeout(1.0)
+                    conn.sendall(abort.encode())
+            # Closing queues Evt17 (transport closed): an A-P-ABORT indication in
+            # data transfer, the end of the connection before it.
+            sock.close()
+
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
+        """pynetdicom's ``receive_pdu``; the acceptor's wait for its request ends early.
+
+        The association thread waits here for the A-ASSOCIATE-RQ. pynetdicom
+        waits the whole ``acse_timeout_s`` even when the peer has already
+        closed the connection; this returns None as soon as the connection has
+        ended or the request's deadline has passed. Once the request is in,
+        the connection no longer counts among the peer's pending ones.
+        """
+        if not (wait and self.assoc.is_acceptor and self.assoc.requestor.primitive is None):
+            return super().receive_pdu(wait, timeout)
+        opened = False
+        while True:
+            primitive = super().receive_pdu(True, _REQUEST_POLL_S)
+            if primitive is not None:
+                assoc = self.assoc
+                if isinstance(assoc, EventDrivenAssociation):
+                    assoc.left_pending()
+                return primitive
+            state = self.state_machine.current_state
+            opened = opened or state != "Sta1"
+            if (
+                (opened and state == "Sta1")
+                or not self.is_alive()
+                or time.monotonic() > self._request_deadline + _REQUEST_POLL_S
+            ):
+                return None
 
     def _receive_fragments(self, sock: BulkReadSocket) -> bool:
         """Read the data set's next fragments straight into its staging buffer.
@@ -337,17 +588,19 @@ class EventDrivenDUL(DULServiceProvider):
 
         incoming = self._incoming
         header = bytearray(12)
+        limit = self._pdu_limit(_P_DATA_TF)
         while incoming is not None:
             # The PDU header alone first: an A-ABORT or A-RELEASE-RQ is shorter
             # than the 12 bytes that a P-DATA-TF's two headers take.
+            sock.deadline = self._pdu_deadline()
             with memoryview(header) as view:
                 got = read_into(view[:6])
                 (pdu_length,) = struct.unpack_from(">L", header, 2)
-                if got == 6 and header[0] == _P_DATA_TF and pdu_length >= 6:
+                if got == 6 and header[0] == _P_DATA_TF and 6 <= pdu_length <= limit:
                     got += read_into(view[6:])
             if lost:
-                log.error("connection lost while reading a PDU: %s", lost[0])
-                self.event_queue.put("Evt17")
+                sock.deadline = None
+                self._lost(lost[0])
                 return True
             item_length, context_id, control = struct.unpack_from(">LBB", header, 6)
             if not (
@@ -358,15 +611,19 @@ class EventDrivenDUL(DULServiceProvider):
                 and context_id == incoming.context_id
                 and not control & 0b01
             ):
-                # Anything else, or a connection closed early: the general path reads it.
+                # Anything else (an over-long PDU included), or a connection closed
+                # early: the general path reads it, and checks it.
+                sock.deadline = None
                 sock.unread(header[:got])
                 return False
-            if not incoming.receive(read_into, item_length - 2):
+            received = incoming.receive(read_into, item_length - 2)
+            sock.deadline = None
+            if not received:
                 if lost:
-                    log.error("connection lost while reading a PDU: %s", lost[0])
+                    self._lost(lost[0])
                 else:
                     log.error("connection closed inside a PDU of %d bytes", pdu_length)
-                self.event_queue.put("Evt17")
+                    self.event_queue.put("Evt17")
                 return True
             if control & 0b10:
                 self._finish_incoming()
@@ -401,7 +658,7 @@ class EventDrivenDUL(DULServiceProvider):
             )
         )
 
-    def _take_p_data(self, body: bytearray) -> bool:
+    def _take_p_data(self, pdvs: list[tuple[int, memoryview]]) -> bool:
         """Handle a P-DATA-TF's PDVs here; False leaves the whole PDU to pynetdicom.
 
         Only while :meth:`_direct_path_open`. PDVs that are not part of a
@@ -410,9 +667,6 @@ class EventDrivenDUL(DULServiceProvider):
         """
         if not self._direct_path_open():
             return False
-        pdvs = _split_pdvs(body)
-        if pdvs is None:
-            return False  # malformed: pynetdicom's decoder reports it
         dimse = self.assoc.dimse
         if self._incoming is None and dimse.message is not None:
             return False  # pynetdicom is inside a message (a command in fragments): it ends it
@@ -588,6 +842,32 @@ class BulkReadSocket(AssociationSocket):
 
     _pending: bytearray
     _scratch: bytearray
+    #: When (``time.monotonic``) the PDU being read must be complete; None: no limit.
+    #: Every read waits at most until then, so a peer that trickles bytes cannot
+    #: hold a read open by restarting a per-read timeout.
+    deadline: float | None = None
+
+    def _recv_into(self, conn: socket.socket, view: memoryview, nbytes: int) -> int:
+        """One ``recv_into``, which waits no later than :attr:`deadline`."""
+        deadline = self.deadline
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the PDU was not complete before its deadline")
+            conn.settimeout(remaining)
+        return conn.recv_into(view, nbytes)
+
+    def send(self, bytestream: bytes) -> None:
+        """Send as pynetdicom does, waiting at most the network timeout for the peer.
+
+        A read may have left a short deadline on the connection; and a peer that
+        never reads must not hold this thread for ever.
+        """
+        conn = self.socket
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.settimeout(self.assoc.network_timeout)
+        super().send(bytestream)
 
     def buffered(self) -> int:
         """Bytes already read from the connection and not yet handed out."""
@@ -613,7 +893,7 @@ class BulkReadSocket(AssociationSocket):
         conn = self.socket
         assert conn is not None
         while filled < len(view):
-            count = conn.recv_into(view[filled:], len(view) - filled)
+            count = self._recv_into(conn, view[filled:], len(view) - filled)
             if count == 0:
                 break
             filled += count
@@ -648,10 +928,10 @@ class BulkReadSocket(AssociationSocket):
                 # Large remainders go straight into the result, no extra copy.
                 start = len(out)
                 out.extend(bytes(missing))
-                count = conn.recv_into(memoryview(out)[start:], missing)
+                count = self._recv_into(conn, memoryview(out)[start:], missing)
                 del out[start + count :]
             else:
-                count = conn.recv_into(scratch, _READ_AHEAD)
+                count = self._recv_into(conn, scratch, _READ_AHEAD)
                 out += scratch[: min(count, missing)]
                 if count > missing:
                     self._pending += scratch[missing:count]
@@ -667,6 +947,8 @@ class EventDrivenRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         EventDrivenAssociation.enable(assoc)  # type: ignore[arg-type]
+        # Pending until its A-ASSOCIATE-RQ arrives (PendingConnectionLimit).
+        assoc.pending_key = self.request  # type: ignore[attr-defined]
         EventDrivenDUL.enable(assoc.dul)  # type: ignore[arg-type]
         assoc.dimse.__class__ = FastStoreResponseDIMSE
         assoc.dul.socket.__class__ = BulkReadSocket

@@ -25,7 +25,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.config import Settings, TLSSettings
 from dicomnode.db import Database
 from dicomnode.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
-from dicomnode.receive.dispatch import HandoffAssociationServer, ReceiverChannel
+from dicomnode.receive.dispatch import (
+    HandoffAssociationServer,
+    PendingConnectionLimit,
+    ReceiverChannel,
+)
 from dicomnode.receive.handlers import (
     ReceiveContext,
     handle_echo,
@@ -68,7 +72,7 @@ def build_ae(settings: Settings, processes: int = 1) -> AE:
     one refuses an association only when all are at their share.
     """
     receive = settings.receive
-    ae = AE(ae_title=settings.node.ae_title)
+    ae = _NodeAE(ae_title=settings.node.ae_title)
     ae.maximum_associations = max(1, math.ceil(receive.max_associations / processes))
     ae.maximum_pdu_size = receive.max_pdu_size
     ae.network_timeout = receive.network_timeout_s
@@ -87,6 +91,28 @@ def build_ae(settings: Settings, processes: int = 1) -> AE:
     for sop_class in sop_classes:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     return ae
+
+
+class _NodeAE(AE):
+    """pynetdicom's AE, whose association limit counts only requested associations.
+
+    pynetdicom compares ``active_associations`` with ``maximum_associations``
+    when it negotiates a new association; it counts every acceptor thread, so
+    connections that never sent an A-ASSOCIATE-RQ (port scans, bare connects,
+    tricklers) would take the slots of real callers. Here an acceptor counts
+    once its request has arrived. Those before that are limited per peer
+    address instead (:class:`~dicomnode.receive.dispatch.PendingConnectionLimit`)
+    and in time (``acse_timeout_s``).
+    """
+
+    @property
+    def active_associations(self) -> list[Any]:
+        """Requestors, and acceptors whose A-ASSOCIATE-RQ has arrived."""
+        return [
+            assoc
+            for assoc in super().active_associations
+            if not assoc.is_acceptor or assoc.requestor.primitive is not None
+        ]
 
 
 class Receiver:
@@ -123,7 +149,11 @@ class Receiver:
     def start(self) -> None:
         """Bind and start accepting associations in a background thread."""
         handlers = [
-            (evt.EVT_REQUESTED, handle_requested, [self.settings.receive]),
+            (
+                evt.EVT_REQUESTED,
+                handle_requested,
+                [self.settings.receive, self.settings.node.ae_title],
+            ),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
         ]
@@ -140,6 +170,10 @@ class Receiver:
                 "channel": self.channel,
                 "on_channel_closed": self.on_channel_closed or (lambda: None),
             }
+        )
+        # Per process, like max_associations: an equal share, rounded up.
+        serving["max_pending_per_peer"] = max(
+            1, math.ceil(self.settings.receive.max_pending_per_peer / self.processes)
         )
         self._server = self.ae.make_server(
             address,
@@ -181,7 +215,8 @@ class Receiver:
             )
 
 
-class _PlainAssociationServer(ThreadedAssociationServer):
-    """The usual threaded server, with daemon association threads."""
+class _PlainAssociationServer(PendingConnectionLimit, ThreadedAssociationServer):
+    """The usual threaded server, with daemon association threads and a limit on
+    pending connections per peer address."""
 
     daemon_threads = True

@@ -25,9 +25,13 @@ from support import (
     free_port,
     is_complete,
     make_instance,
+    p_data_tf,
+    process_running,
     pynetdicom_store,
     running_node,
     shared_data,
+    spawned_pids,
+    store_command,
     storescu,
 )
 
@@ -398,35 +402,6 @@ def test_many_small_pdus_store_byte_identical(tmp_path: Path) -> None:
         assert " ERROR " not in node.log()
 
 
-def _p_data_tf(*pdvs: tuple[int, int, bytes]) -> bytes:
-    """A P-DATA-TF PDU (PS3.8 9.3.5) with PDVs of (context ID, control header, bytes)."""
-    items = b"".join(
-        struct.pack(">LBB", len(data) + 2, context_id, control) + data
-        for context_id, control, data in pdvs
-    )
-    return struct.pack(">BBL", 0x04, 0x00, len(items)) + items
-
-
-def _store_command(path: Path, message_id: int) -> bytes:
-    """The C-STORE-RQ command set for a file, as pynetdicom encodes it."""
-    from io import BytesIO
-
-    from pynetdicom.dimse_messages import C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.dsutils import encode
-
-    meta = dcmread(path, stop_before_pixels=True).file_meta
-    primitive = C_STORE()
-    primitive.MessageID = message_id
-    primitive.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
-    primitive.AffectedSOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    primitive.Priority = 0
-    primitive.DataSet = BytesIO(b"\0\0")
-    message = C_STORE_RQ()
-    message.primitive_to_message(primitive)
-    return bytes(encode(message.command_set, True, True))
-
-
 def _echo_command(message_id: int) -> bytes:
     """A C-ECHO-RQ command set, as pynetdicom encodes it."""
     from pynetdicom.dimse_messages import C_ECHO_RQ
@@ -471,11 +446,11 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
             time.sleep(0.001)
         time.sleep(0.05)  # past the one queue check a just-resumed loop may still make
         half = len(data[0]) // 2
-        send(_p_data_tf((cid, 0x03, _store_command(files[0], 1)), (cid, 0x00, data[0][:half])))
+        send(p_data_tf((cid, 0x03, store_command(files[0], 1)), (cid, 0x00, data[0][:half])))
         send(
-            _p_data_tf(
+            p_data_tf(
                 (cid, 0x02, data[0][half:]),
-                (cid, 0x03, _store_command(files[1], 2)),
+                (cid, 0x03, store_command(files[1], 2)),
                 (cid, 0x02, data[1]),
             )
         )
@@ -486,17 +461,17 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
             statuses[int(response.MessageIDBeingRespondedTo)] = int(response.Status)
         assert statuses == {1: 0x0000, 2: 0x0000}
         # A command in two fragments is pynetdicom's to assemble, and so is its data set.
-        command = _store_command(files[4], 5)
-        send(_p_data_tf((cid, 0x01, command[:20])))
-        send(_p_data_tf((cid, 0x03, command[20:]), (cid, 0x00, data[4][:100])))
-        send(_p_data_tf((cid, 0x02, data[4][100:])))
+        command = store_command(files[4], 5)
+        send(p_data_tf((cid, 0x01, command[:20])))
+        send(p_data_tf((cid, 0x03, command[20:]), (cid, 0x00, data[4][:100])))
+        send(p_data_tf((cid, 0x02, data[4][100:])))
         _, response = assoc.dimse.get_msg(block=True)
         assert response is not None, "no C-STORE response"
         assert (int(response.MessageIDBeingRespondedTo), int(response.Status)) == (5, 0x0000)
         # A C-ECHO (pynetdicom's DIMSE layer, the association thread) right before a
         # C-STORE (direct path): answered in the order they were sent.
-        send(_p_data_tf((contexts["1.2.840.10008.1.1"], 0x03, _echo_command(6))))
-        send(_p_data_tf((cid, 0x03, _store_command(files[5], 7)), (cid, 0x02, data[5])))
+        send(p_data_tf((contexts["1.2.840.10008.1.1"], 0x03, _echo_command(6))))
+        send(p_data_tf((cid, 0x03, store_command(files[5], 7)), (cid, 0x02, data[5])))
         answered = []
         for _ in range(2):
             _, response = assoc.dimse.get_msg(block=True)
@@ -505,8 +480,8 @@ def test_pdus_with_several_pdvs_and_a_broken_message_order(tmp_path: Path) -> No
         assert answered == [(6, 0x0000), (7, 0x0000)]
         assoc._reactor_checkpoint.set()
         # A command where the rest of a data set should be: the node aborts.
-        send(_p_data_tf((cid, 0x03, _store_command(files[2], 3)), (cid, 0x00, data[2][:100])))
-        send(_p_data_tf((cid, 0x03, _store_command(files[3], 4))))
+        send(p_data_tf((cid, 0x03, store_command(files[2], 3)), (cid, 0x00, data[2][:100])))
+        send(p_data_tf((cid, 0x03, store_command(files[3], 4))))
         deadline = time.monotonic() + 10
         while not assoc.is_aborted and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -541,7 +516,8 @@ def test_a_large_data_set_in_uneven_pdus_and_an_abort_inside_the_next(tmp_path: 
     data = [dataset_bytes(path) for path in files]
     assert len(data[0]) > 3 * STAGING_BYTES
     context_syntax = "1.2.840.10008.1.2.1"
-    with running_node(tmp_path / "node") as node:
+    # PDUs up to 1.1 MB: the node must have announced that much (it aborts longer ones).
+    with running_node(tmp_path / "node", receive={"max_pdu_size": 2_097_152}) as node:
         ae = AE(ae_title="STORESCU")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [context_syntax])
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", max_pdu=0)
@@ -552,14 +528,14 @@ def test_a_large_data_set_in_uneven_pdus_and_an_abort_inside_the_next(tmp_path: 
         while not assoc._is_paused:
             time.sleep(0.001)
         time.sleep(0.05)
-        send(_p_data_tf((cid, 0x03, _store_command(files[0], 1))))
+        send(p_data_tf((cid, 0x03, store_command(files[0], 1))))
         offset, sizes = 0, [65_530, 1, 333_333, 4096, 7, 1_000_000]
         for i in range(len(data[0])):
             piece = data[0][offset : offset + sizes[i % len(sizes)]]
             offset += len(piece)
             if not piece:
                 break
-            send(_p_data_tf((cid, 0x02 if offset == len(data[0]) else 0x00, piece)))
+            send(p_data_tf((cid, 0x02 if offset == len(data[0]) else 0x00, piece)))
         _, response = assoc.dimse.get_msg(block=True)
         assert response is not None, "no C-STORE response"
         assert (int(response.MessageIDBeingRespondedTo), int(response.Status)) == (1, 0x0000)
@@ -567,8 +543,8 @@ def test_a_large_data_set_in_uneven_pdus_and_an_abort_inside_the_next(tmp_path: 
         uid = str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
         assert dataset_bytes(stored[uid]) == data[0]
 
-        send(_p_data_tf((cid, 0x03, _store_command(files[1], 2))))
-        send(_p_data_tf((cid, 0x00, data[1][: STAGING_BYTES + 5000])))
+        send(p_data_tf((cid, 0x03, store_command(files[1], 2))))
+        send(p_data_tf((cid, 0x00, data[1][: STAGING_BYTES + 5000])))
         incoming_dir = node.data_dir / "incoming"
         deadline = time.monotonic() + 10
         while not any(p.is_file() for p in incoming_dir.rglob("*")):
@@ -636,19 +612,6 @@ def test_several_receiving_processes_share_the_port(tmp_path: Path) -> None:
         assert node.log().count("accepting associations") == 2
 
 
-def _spawned_pids(node_pid: int) -> list[int]:
-    """The node's receiving and worker processes (not Python's resource tracker)."""
-    found = []
-    for pid in descendant_pids(node_pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
-            found.append(pid)
-    return found
-
-
 def test_associations_are_spread_over_the_receiving_processes(tmp_path: Path) -> None:
     """Each of 4 processes may hold 1 of the 4 allowed associations: all 4 fit only if
     every new one goes to an idle process; the fifth is refused with A-ASSOCIATE-RJ."""
@@ -680,7 +643,7 @@ def test_a_killed_receiving_process_is_replaced(tmp_path: Path) -> None:
     files = [make_instance(tmp_path / "in") for _ in range(6)]
     with running_node(tmp_path / "node", receive={"processes": 2}) as node:
         assert node.proc is not None
-        victim = _spawned_pids(node.proc.pid)[0]
+        victim = spawned_pids(node.proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
         # Associations go to the live process at once, then to its replacement too.
         for chunk in (files[:3], files[3:]):
@@ -691,33 +654,24 @@ def test_a_killed_receiving_process_is_replaced(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert "exited with code -9; restarting it" in node.log()
         assert node.log().count("accepting associations") == 3
-        replaced = _spawned_pids(node.proc.pid)
+        replaced = spawned_pids(node.proc.pid)
         assert len(replaced) == 2 and victim not in replaced
         [run] = storescu([make_instance(tmp_path / "in")], node.port)
         assert run.returncode == 0
         assert sum(s["instances"] for s in node.studies().values()) == 7
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie waiting to be reaped does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_children_stop_when_the_main_process_is_killed(tmp_path: Path) -> None:
     with running_node(tmp_path, receive={"processes": 2}, worker={"processes": 1}) as node:
         assert node.proc is not None
         children = descendant_pids(node.proc.pid)
-        assert len(_spawned_pids(node.proc.pid)) == 3  # two receivers and a worker
+        assert len(spawned_pids(node.proc.pid)) == 3  # two receivers and a worker
         node.proc.kill()
         node.proc.wait(10)
         node.proc = None
         deadline = time.monotonic() + 30
         try:
-            while any(_running(pid) for pid in children):
+            while any(process_running(pid) for pid in children):
                 assert time.monotonic() < deadline, "children outlived the main process"
                 time.sleep(0.2)
         finally:

@@ -9,7 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from dicomnode.receive.dispatch import AssociationDispatcher, ReceiverChannel
+from dicomnode.receive.dispatch import (
+    AssociationDispatcher,
+    PendingConnectionLimit,
+    ReceiverChannel,
+)
 
 
 @pytest.fixture
@@ -122,3 +126,26 @@ def test_a_connection_gone_before_its_association_counts_as_ended(
         assert closed == [True]
     finally:
         server.server_close()
+
+
+def test_pending_connections_are_limited_per_peer_address() -> None:
+    """Connections that have not sent their association request: at most
+    ``max_pending_per_peer`` per address; released ones free their place (once)."""
+
+    class Server(PendingConnectionLimit):
+        pass
+
+    server = Server(max_pending_per_peer=2)
+    first, second, third, other = object(), object(), object(), object()
+    assert server.verify_request(first, ("10.0.0.1", 1000))
+    assert server.verify_request(second, ("10.0.0.1", 1001))
+    assert not server.verify_request(third, ("10.0.0.1", 1002))
+    assert server.verify_request(other, ("10.0.0.2", 1000))  # another address
+    server.release_pending(first)
+    server.release_pending(first)  # idempotent: the association and its DUL may both call
+    assert server.pending_connections() == {"10.0.0.1": 1, "10.0.0.2": 1}
+    assert server.verify_request(third, ("10.0.0.1", 1002))
+    assert not server.verify_request(object(), ("10.0.0.1", 1003))
+    for request in (second, third, other):
+        server.release_pending(request)
+    assert server.pending_connections() == {}

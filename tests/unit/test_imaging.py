@@ -751,6 +751,40 @@ def test_not_dicom_and_missing_files(tmp_path: Path) -> None:
         to_uint8(tmp_path / "absent.dcm")
 
 
+def test_pixel_attributes_that_contradict_the_pixel_data_are_refused(tmp_path: Path) -> None:
+    """BitsAllocated 1 on 8-bit data: pydicom would decode an eighth of the bytes as a
+    bitmap of noise; the node refuses it (the pipelines skip it as undecodable)."""
+    ds = _image(_picture(255), bits_stored=8)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    with pytest.raises(ImageDecodeError, match="contradict the pixel data") as info:
+        to_uint8(ds)
+    assert "BitsAllocated 1" in info.value.reason
+    bad_bits = _image(_picture(255), bits_stored=8)
+    bad_bits.BitsStored = 12  # more than the 8 allocated
+    with pytest.raises(ImageDecodeError, match="BitsStored 12"):
+        to_uint8(bad_bits)
+    assert to_uint8(_image(_picture(255), bits_stored=8)).pixels.shape == (64, 64)
+
+
+def test_the_reason_keeps_the_decoders_words_and_a_path_under_the_data_directory(
+    tmp_path: Path,
+) -> None:
+    """A stored instance is named relative to the data directory, after the reason; a
+    caller that shortens the text (pipelines keep 300 characters) keeps the reason."""
+    stored = tmp_path / ("d" * 200) / "data" / "instances" / "1.2.3" / "1.2.4" / "1.2.5.dcm"
+    stored.parent.mkdir(parents=True)
+    ds = _image(_picture(255), bits_stored=8, PixelData=b"\x00" * 100)
+    _save(ds, stored)
+    with pytest.raises(ImageDecodeError) as info:
+        to_uint8(stored)
+    message = str(info.value)
+    assert message.startswith("cannot make an 8-bit image: ")
+    assert info.value.reason in message[:300]
+    assert "less than expected" in message[:300]
+    assert info.value.source == "instances/1.2.3/1.2.4/1.2.5.dcm"
+    assert str(tmp_path) not in message
+
+
 def test_image_decode_error_survives_pickling() -> None:
     error = ImageDecodeError("a.dcm", JPEGBaseline8Bit, "broken stream")
     copy = pickle.loads(pickle.dumps(error))

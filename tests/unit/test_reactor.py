@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -105,6 +107,35 @@ def test_short_read_when_the_peer_closes(connected: tuple[BulkReadSocket, socket
     peer.sendall(b"abc")
     peer.shutdown(socket.SHUT_WR)
     assert sock.recv(6) == b"abc"
+
+
+def test_a_trickling_peer_cannot_extend_a_reads_deadline(
+    connected: tuple[BulkReadSocket, socket.socket],
+) -> None:
+    """One byte every 0.1 s would reset a per-read timeout for ever; the deadline holds
+    for the whole read, on both read paths (into a new buffer, and into a given view)."""
+    sock, peer = connected
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.1):
+            with contextlib.suppress(OSError):
+                peer.send(b"x")
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        buffer = memoryview(bytearray(1000))
+        for read in (lambda: sock.recv(1000), lambda: sock.recv_into_exact(buffer)):
+            sock.deadline = time.monotonic() + 0.5
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                read()
+            assert time.monotonic() - started < 0.5 + 0.3
+    finally:
+        stop.set()
+        sender.join(5)
+    sock.deadline = None
 
 
 def test_writeback_hint_is_available_on_linux_and_harmless(tmp_path: Path) -> None:

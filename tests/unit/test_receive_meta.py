@@ -34,7 +34,10 @@ def _meta_both_ways(
         except DatasetError as exc:
             return f"0x{exc.status:04X}"
 
-    direct_taken = meta_module._read_header_direct(path, ts) is not None
+    try:
+        direct_taken = meta_module._read_header_direct(path, ts) is not None
+    except meta_module.TruncatedDataSetError:
+        direct_taken = True
     direct = run()
     with monkeypatch.context() as patch:
         patch.setattr(meta_module, "_read_header_direct", lambda *_: None)
@@ -59,6 +62,7 @@ def test_direct_reader_equals_dcmread_on_pydicoms_test_files(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     compared = 0
+    truncated = []
     for name in get_testdata_files("*.dcm"):
         path = Path(name)
         try:
@@ -66,9 +70,46 @@ def test_direct_reader_equals_dcmread_on_pydicoms_test_files(
         except Exception:
             continue  # not readable at all: nothing to compare
         direct, fallback, _ = _meta_both_ways(path, monkeypatch)
+        if "truncated" in path.name:
+            # pydicom takes a short last value as it is; the direct reader refuses it.
+            assert direct == "0xC210", path
+            truncated.append(path.name)
+            continue
         assert direct == fallback, path
         compared += 1
     assert compared > 50
+    assert sorted(truncated) == ["MR_truncated.dcm", "rtplan_truncated.dcm"]
+
+
+def _cut_inside(path: Path, value: bytes, into: int) -> Path:
+    """A copy of ``path`` that ends ``into`` bytes into the first occurrence of ``value``."""
+    data = path.read_bytes()
+    cut = path.with_name(f"cut-{into}-{path.name}")
+    cut.write_bytes(data[: data.index(value) + into])
+    return cut
+
+
+def test_a_data_set_cut_short_is_cannot_understand_never_stored(tmp_path: Path) -> None:
+    """A file that ends inside its Study Instance UID (pydicom would read "1"), inside a
+    Patient's Name, or whose Pixel Data declares more bytes than the file holds is refused
+    with 0xC210 and the element named (not its value)."""
+    study = "1.2.826.0.1.3680043.8.498.1234567890"
+    path = make_instance(tmp_path, study_uid=study, patient_name="Cut^Short")
+    ds = dcmread(path)
+    sop = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), "1.2.840.10008.1.2.1")
+    assert read_instance_meta(path, *sop).StudyInstanceUID == study  # whole: fine
+    pixels_cut = tmp_path / "pixels-cut.dcm"
+    pixels_cut.write_bytes(path.read_bytes()[:-100])
+    for cut in (
+        _cut_inside(path, study.encode(), 1),
+        _cut_inside(path, b"Cut^Short", 3),
+        pixels_cut,
+    ):
+        with pytest.raises(DatasetError) as caught:
+            read_instance_meta(cut, *sop)
+        assert caught.value.status == 0xC210
+        assert "cut short" in str(caught.value)
+        assert "Cut^" not in str(caught.value)
 
 
 def test_direct_reader_on_generated_instances(
@@ -144,10 +185,14 @@ def test_the_scanner_steps_over_sequences_and_long_headers(
     assert delimiters == (3 if undefined else 0)
 
 
-def test_a_file_that_ends_inside_its_header_is_left_to_dcmread(tmp_path: Path) -> None:
+def test_a_file_that_ends_inside_its_header_is_refused_not_left_to_dcmread(
+    tmp_path: Path,
+) -> None:
+    """dcmread takes the short value as it is; the direct reader says the file is cut."""
     path = make_instance(tmp_path)
     data = path.read_bytes()
     # Cut inside the Study Instance UID's value (the file meta has no such UID).
     cut = data.index(path.stem.encode("ascii"), 300) - 20
     path.write_bytes(data[:cut])
-    assert meta_module._read_header_direct(path, ExplicitVRLittleEndian) is None
+    with pytest.raises(meta_module.TruncatedDataSetError, match="cut short"):
+        meta_module._read_header_direct(path, ExplicitVRLittleEndian)
