@@ -299,6 +299,19 @@ class DestinationSettings:
 
 
 @dataclass(frozen=True)
+class HTTPSettings:
+    """``[http]``: health checks, Prometheus metrics and the status page (off when port = 0)."""
+
+    bind: str = "127.0.0.1"
+    port: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether ``serve`` starts the HTTP server."""
+        return self.port != 0
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole validated configuration."""
 
@@ -316,6 +329,7 @@ class Settings:
     cxr: CXRSettings = field(default_factory=CXRSettings)
     ct: CTSettings = field(default_factory=CTSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
+    http: HTTPSettings = field(default_factory=HTTPSettings)
 
     @property
     def instances_dir(self) -> Path:
@@ -853,6 +867,21 @@ def _parse_outputs(root: _Reader) -> OutputSettings:
     return s
 
 
+def _parse_http(root: _Reader) -> HTTPSettings:
+    r = _Reader(_table(root, "http"), "http", root.problems)
+    d = HTTPSettings()
+    bind = r.get("bind", str, d.bind)
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError:
+        if bind != "localhost":
+            r.problem("bind", f"must be an IP address to listen on, got {bind!r}")
+            bind = d.bind
+    s = HTTPSettings(bind=bind, port=r.number("port", int, d.port, 0, 65535))
+    r.check_unknown()
+    return s
+
+
 def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Settings:
     """Validate a parsed TOML document; raise :class:`ConfigError` listing every problem."""
     problems: list[tuple[str, str]] = []
@@ -873,8 +902,11 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         cxr=_parse_cxr(root, base_dir),
         ct=_parse_ct(root, base_dir),
         outputs=_parse_outputs(root),
+        http=_parse_http(root),
     )
     root.check_unknown()
+    if settings.http.enabled and settings.http.port == node.port:
+        problems.append(("http.port", f"must differ from node.port, got {settings.http.port}"))
     if problems:
         raise ConfigError(problems)
     return settings
