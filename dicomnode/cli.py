@@ -241,6 +241,14 @@ def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int
     return EXIT_OK
 
 
+def _config_invalid(path: Path, exc: ConfigError) -> int:
+    """Print every problem with its key path; the exit code of an invalid configuration."""
+    print(f"dicomnode: {path}: configuration is invalid:", file=sys.stderr)
+    for key, message in exc.problems:
+        print(f"  {key}: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``dicomnode`` command and return its exit code."""
     args = build_parser(argv).parse_args(argv)
@@ -253,10 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"dicomnode: {args.config}: configuration is invalid:", file=sys.stderr)
-        for path, message in exc.problems:
-            print(f"  {path}: {message}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_invalid(args.config, exc)
     try:
         if args.command == "config":
             return _cmd_config_check(settings)
@@ -280,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dicomnode.serve import work
 
             return work(settings)
+    except ConfigError as exc:  # found at start: models, TLS files, data dir
+        return _config_invalid(args.config, exc)
     except DicomNodeError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -27,6 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select, update
 
+from dicomnode import metrics
 from dicomnode.config import DestinationSettings, Settings
 from dicomnode.db import Database, Delivery, DeliveryStatus, utcnow
 from dicomnode.queue import record_delivery
@@ -158,6 +159,7 @@ class Sender:
         outcome = record_delivery(
             self.db, item.id, self.settings.outbox, ok, status=status, error=error
         )
+        metrics.delivery_attempt(item.destination, ok)
         if ok:
             log.info("delivered %s to %s", item.sop_instance_uid, item.destination)
         else:

@@ -34,6 +34,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from dicomnode import metrics
 from dicomnode.completion import CompletionScheduler
 from dicomnode.config import Settings
 from dicomnode.db import Database, Study, utcnow
@@ -268,10 +269,29 @@ def _enqueue_hook(settings: Settings) -> Callable[[Session, Study], None]:
     return on_complete
 
 
+def _start_http(settings: Settings, db: Database, supervisor: _Supervisor) -> Any:
+    """Start the ``[http]`` server (health, metrics, status page) if configured; else None."""
+    if not settings.http.enabled:
+        return None
+    from dicomnode.ops.http import HTTPServer, NodeState
+
+    state = NodeState(
+        dead_children=lambda: [
+            name for name, (proc, *_) in supervisor.children.items() if not proc.is_alive()
+        ]
+    )
+    server = HTTPServer(settings, db, state)
+    server.start()
+    return server
+
+
 def serve(settings: Settings) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT; return the exit code."""
     configure_logging(settings.node.log_level)
     node = settings.node
+    from dicomnode.ops import preflight
+
+    preflight.check(settings)  # models, TLS files, data dir: ConfigError (exit 2) before receiving
     stop = threading.Event()
     _install_stop_signals(stop)
 
@@ -284,6 +304,7 @@ def serve(settings: Settings) -> int:
     if removed:
         log.warning("removed %d partial file(s) left by an earlier stop", removed)
     _check_port_free(node.bind, node.port)
+    metrics.prepare_multiprocess(node.data_dir)  # before any child starts: they inherit it
 
     completion = CompletionScheduler(
         db, settings.completion.check_interval_s, on_complete=_enqueue_hook(settings)
@@ -299,6 +320,7 @@ def serve(settings: Settings) -> int:
     receiver: Receiver | None = None
     dispatcher: AssociationDispatcher | None = None
     supervisor = _Supervisor(settings)
+    http = _start_http(settings, db, supervisor)
     try:
         if processes == 1:
             receiver = Receiver(settings, db, store, 1)
@@ -314,8 +336,12 @@ def serve(settings: Settings) -> int:
                     f"receiver-{index}", _receiver_main, _channel_for(dispatcher, index)
                 )
             dispatcher.start()
+        if http is not None:
+            http.state.receiving.set()
         for index in range(settings.worker.processes):
             supervisor.start(f"worker-{index}", _worker_main)
+        if http is not None:
+            http.state.models_loaded.set()
         completion.start()
         if settings.destinations:
             sender.start()
@@ -340,6 +366,8 @@ def serve(settings: Settings) -> int:
         if dispatcher is not None:
             dispatcher.stop()
         supervisor.stop(grace)
+        if http is not None:
+            http.stop()
         completion.stop()
         sender_stop.set()
         if sender.is_alive():

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import select
 
+from dicomnode import metrics
 from dicomnode.config import Settings
 from dicomnode.db import Database, Instance, Series
 from dicomnode.pipelines import InstanceInput, Pipeline, ResultObject, StudyInput
@@ -175,6 +176,7 @@ class Worker:
                 detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
                 log.error("job %d failed: %s\n%s", job.id, detail, traceback.format_exc())
                 status = fail(self.db, job, self.identity, detail, self.policy)
+                metrics.job_finished(self.pipeline.name, "error", time.perf_counter() - started)
                 log.info("job %d is now %s", job.id, status or "held by another worker")
                 return True
         if beat.lost:
@@ -195,6 +197,11 @@ class Worker:
             note=outcome.note,
         ):
             self.jobs_done += 1
+            metrics.job_finished(
+                self.pipeline.name,
+                "skipped" if outcome.skipped_reason else "done",
+                summary["seconds"],
+            )
             log.info(
                 "job %d done: %d result object(s) for %d destination(s)%s",
                 job.id,

@@ -39,6 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dicomnode import metrics
 from dicomnode.config import CTSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import ImageDecodeError, to_hu
@@ -384,7 +385,7 @@ class CTPipeline:
         x = to_model_input(
             cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)[None], spec.channels, spec.scale
         )
-        with self._predict_lock:
+        with self._predict_lock, metrics.inference(s.lung_mask):
             probability = np.asarray(self.models[s.lung_mask].predict(x, verbose=0))[0, ..., 0]
         small = keep_largest(probability >= 0.5)
         mask = cv2.resize(
@@ -417,7 +418,7 @@ class CTPipeline:
         batch = np.zeros((max(size, len(crops)), *spec.input_size), np.uint8)
         batch[: len(crops)] = np.stack(crops)
         x = to_model_input(batch, spec.channels, spec.scale)
-        with self._predict_lock:
+        with self._predict_lock, metrics.inference(self.settings.classifier):
             out = self.models[self.settings.classifier].predict(x, batch_size=size, verbose=0)
         return np.asarray(out, dtype=np.float64).reshape(len(batch), -1)[: len(crops), 0]
 

@@ -30,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dicomnode import metrics
 from dicomnode.config import CXRSettings, RoutingSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import Image8, ImageDecodeError, to_uint8
@@ -332,7 +333,8 @@ class CXRPipeline:
         )
 
     def _predict(self, name: str, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.models[name].predict(batch, verbose=0))
+        with metrics.inference(name):
+            return np.asarray(self.models[name].predict(batch, verbose=0))
 
     def _analyse_batch(
         self, batch: Sequence[tuple[InstanceInput, Image8]], timer: _Timer
