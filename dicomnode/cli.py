@@ -166,7 +166,7 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
     from dicomnode.queue import queue_status
 
     db = Database(settings.database.url)
-    db.migrate()
+    db.require_current_schema()
     studies = recent_studies(db, limit=limit)
     queue = queue_status(db, limit=limit)
     if as_json:
@@ -230,7 +230,7 @@ def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int
     from dicomnode.queue import requeue
 
     db = Database(settings.database.url)
-    db.migrate()
+    db.require_current_schema()
     queued = requeue(db, settings.queue, study_instance_uid=study_uid, failed=failed)
     for uid in queued:
         print(f"queued {uid}")
