@@ -71,8 +71,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", parents=[common], help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    config_sub.add_parser(
-        "check", parents=[common], help="validate the configuration and explain every mistake"
+    check = config_sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate the configuration (and the models, TLS files and data folder it names)",
+    )
+    check.add_argument(
+        "--connect", action="store_true", help="also C-ECHO every [[destinations]] entry"
     )
 
     db = sub.add_parser("db", parents=[common], help="database tools")
@@ -143,7 +148,12 @@ def _cmd_training(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_config_check(settings: Settings) -> int:
+def _cmd_config_check(settings: Settings, connect: bool) -> int:
+    from dicomnode.ops import preflight
+
+    # What serve checks at start (models, checksums, TLS files, data folder), and the
+    # pipeline's models even when this host runs no workers (`dicomnode worker` would).
+    preflight.check(settings, workers=True)
     print(f"{settings.source}: OK")
     print(f"  node {settings.node.ae_title} on {settings.node.bind}:{settings.node.port}")
     print(f"  data in {settings.node.data_dir}")
@@ -155,9 +165,21 @@ def _cmd_config_check(settings: Settings) -> int:
         f"  callers: {callers or 'none'}"
         + ("; unknown callers allowed" if settings.receive.allow_unknown_callers else "")
     )
+    print(f"  pipeline {settings.worker.pipeline}, {settings.worker.processes} worker process(es)")
+    if settings.http.enabled:
+        print(f"  http on {settings.http.bind}:{settings.http.port}")
+    code = EXIT_OK
     for d in settings.destinations:
-        print(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}")
-    return EXIT_OK
+        line = f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}"
+        if connect:
+            from dicomnode.send import echo
+
+            outcome = echo(d, settings.node.ae_title, timeout_s=10)
+            line += f": C-ECHO {outcome}"
+            if outcome != "success":
+                code = EXIT_ERROR
+        print(line)
+    return code
 
 
 def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
@@ -264,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_invalid(args.config, exc)
     try:
         if args.command == "config":
-            return _cmd_config_check(settings)
+            return _cmd_config_check(settings, args.connect)
         if args.command == "status":
             return _cmd_status(settings, args.json, args.limit)
         if args.command == "db":
