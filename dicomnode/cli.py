@@ -66,6 +66,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--limit", type=int, default=50, help="how many studies (default 50)")
 
+    send = sub.add_parser(
+        "send",
+        parents=[common],
+        help="C-STORE DICOM files or folders, as they are, to the node (or --to a peer)",
+    )
+    send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    send.add_argument(
+        "--to", metavar="HOST:PORT", help="the peer (default: this node, from the config)"
+    )
+    send.add_argument("--aec", metavar="AE", help="called AE title (default: node.ae_title)")
+    send.add_argument(
+        "--aet", metavar="AE", default="STORESCU", help="calling AE title (default: STORESCU)"
+    )
+
     echo = sub.add_parser("echo", parents=[common], help="C-ECHO a destination")
     echo.add_argument("name", metavar="NAME", help="a [[destinations]] name")
 
@@ -231,6 +245,38 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
     return EXIT_OK
 
 
+def _cmd_send(args: argparse.Namespace, settings: Settings | None) -> int:
+    from dicomnode.ops.store_files import parse_address, send_files
+
+    if args.to is not None:
+        try:
+            host, port = parse_address(args.to)
+        except ValueError as exc:
+            print(f"dicomnode: --to: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    else:
+        assert settings is not None
+        bind = settings.node.bind
+        host = "127.0.0.1" if bind in ("", "0.0.0.0", "::", "localhost") else bind
+        port = settings.node.port
+    called = args.aec or (settings.node.ae_title if settings is not None else "DICOMNODE")
+
+    def skipped(path: Path, why: str) -> None:
+        print(f"skipped {path}: {why}")
+
+    report = send_files(args.paths, host, port, called, args.aet, on_skip=skipped)
+    for path, why in report.failed:
+        print(f"failed  {path}: {why}", file=sys.stderr)
+    total = report.stored + len(report.failed)
+    print(
+        f"{report.stored} of {total} DICOM file(s) stored by {called}@{host}:{port}"
+        + (f", {len(report.skipped)} other file(s) skipped" if report.skipped else "")
+    )
+    if total == 0:
+        print("dicomnode: no DICOM files to send", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
 def _cmd_echo(settings: Settings, name: str) -> int:
     from dicomnode.send import echo
 
@@ -283,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
+        if args.command == "send" and args.to and args.aec:
+            return _cmd_send(args, None)  # a peer named in full needs no configuration
         return _config_invalid(args.config, exc)
     try:
         if args.command == "config":
@@ -297,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "echo":
             return _cmd_echo(settings, args.name)
+        if args.command == "send":
+            return _cmd_send(args, settings)
         if args.command == "requeue":
             return _cmd_requeue(settings, args.study_instance_uid, args.failed)
         if args.command == "serve":
