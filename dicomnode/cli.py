@@ -228,7 +228,7 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
     for item in queue["undelivered"]:
         print(
             f"  {item['status']:<8} {item['sop_instance_uid']} -> {item['destination']} "
-            f"(attempts {item['attempts']}, last status {item['last_status']}, "
+            f"(attempts {item['attempts']}, last status {_dicom_status(item['last_status'])}, "
             f"{item['last_error'] or 'no error yet'})"
         )
     print()
@@ -275,6 +275,11 @@ def _cmd_send(args: argparse.Namespace, settings: Settings | None) -> int:
     if total == 0:
         print("dicomnode: no DICOM files to send", file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def _dicom_status(status: int | None) -> str:
+    """A C-STORE status as DICOM writes it (0xA700), or 'none yet' before the first answer."""
+    return "none yet" if status is None else f"{status:#06x}"
 
 
 def _cmd_echo(settings: Settings, name: str) -> int:

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from dicomnode import metrics
 from dicomnode.config import Settings
 from dicomnode.db import Database, Instance, Series
+from dicomnode.outcome import describe
 from dicomnode.pipelines import InstanceInput, Pipeline, ResultObject, StudyInput
 from dicomnode.queue import (
     ClaimedJob,
@@ -203,11 +204,13 @@ class Worker:
                 summary["seconds"],
             )
             log.info(
-                "job %d done: %d result object(s) for %d destination(s)%s",
+                "job %d done: study %s: %s; %d result object(s) for %d destination(s)",
                 job.id,
+                job.study_instance_uid,
+                "; ".join(describe(summary))
+                or f"skipped: {outcome.skipped_reason or 'nothing analysed'}",
                 len(items),
                 len(destinations),
-                f"; skipped: {outcome.skipped_reason}" if outcome.skipped_reason else "",
             )
         else:
             log.warning("job %d was reclaimed while it ran; its results are discarded", job.id)

@@ -267,7 +267,7 @@ class HTTPServer:
         self.state = state
         config = uvicorn.Config(
             build_app(settings, db, state),
-            log_level="warning",
+            log_config=None,  # the node's own logging (dicomnode.logs) applies
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=2,

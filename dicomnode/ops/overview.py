@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from dicomnode.config import Settings
 from dicomnode.db import Database, Delivery, Instance, Job, Series, Study
 from dicomnode.inference.registry import ModelError, read_manifest
+from dicomnode.outcome import describe
 
 
 @dataclass(frozen=True)
@@ -77,37 +78,14 @@ def counts_by_status(db: Database) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _findings(summary_json: str | None) -> list[str]:
-    """One line per analysed image or series from a job's summary (probabilities, boxes)."""
+    """What a job's recorded summary says, in words (see :mod:`dicomnode.outcome`)."""
     if not summary_json:
         return []
     try:
         summary = json.loads(summary_json)
     except ValueError:
         return []
-    parts = (
-        [summary.get("cxr"), summary.get("ct")] if summary.get("pipeline") == "chest" else [summary]
-    )
-    lines = []
-    for part in parts:
-        if not isinstance(part, dict):
-            continue
-        if part.get("pipeline") == "cxr":
-            for image in part.get("images", []):
-                probabilities = ", ".join(
-                    f"{name} {value:.2f}" for name, value in image.get("probabilities", {}).items()
-                )
-                boxes = len(image.get("boxes", []))
-                lines.append(
-                    f"CXR: {probabilities}; {boxes} box(es)"
-                    + (f" by {image['box_method']}" if boxes and image.get("box_method") else "")
-                )
-        elif part.get("pipeline") == "ct" and part.get("score") is not None:
-            lines.append(
-                f"CT: {part.get('finding')} {part['score']:.2f} "
-                f"({'positive' if part.get('positive') else 'negative'} at "
-                f"{part.get('threshold')}, {part.get('slices_classified')} slices)"
-            )
-    return lines
+    return describe(summary) if isinstance(summary, dict) else []
 
 
 def recent_studies(db: Database, settings: Settings, limit: int = 50) -> list[StudyRow]:
