@@ -56,7 +56,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="run workers only (more hosts sharing one PostgreSQL database and storage)",
     )
     requeue = sub.add_parser(
-        "requeue", parents=[common], help="queue a study (or every failed study) again"
+        "requeue",
+        aliases=["reprocess"],
+        parents=[common],
+        help="queue a study (or every failed study) again: it runs with the current models",
     )
     target = requeue.add_mutually_exclusive_group(required=True)
     target.add_argument("study_instance_uid", nargs="?", metavar="STUDY_UID")
@@ -352,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_echo(settings, args.name)
         if args.command == "send":
             return _cmd_send(args, settings)
-        if args.command == "requeue":
+        if args.command in ("requeue", "reprocess"):
             return _cmd_requeue(settings, args.study_instance_uid, args.failed)
         if args.command == "serve":
             from dicomnode.serve import serve

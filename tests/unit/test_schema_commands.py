@@ -87,3 +87,26 @@ def test_a_schema_from_a_newer_dicomnode_is_named_as_such(tmp_path: Path) -> Non
         connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(DicomNodeError, match="newer dicomnode"):
         db.require_current_schema()
+
+
+def test_reprocess_queues_a_done_study_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from support import queue_studies
+
+    from dicomnode.config import load_settings
+    from dicomnode.queue import claim, finish
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    config = _config(tmp_path, url)
+    settings = load_settings(config)
+    db = Database(url)
+    db.migrate()
+    (uid,) = queue_studies(db, settings, 1)
+    job = claim(db, "w")
+    assert job is not None and finish(db, job, "w", [], [], {"pipeline": "placeholder"})
+    capsys.readouterr()
+    assert main(["reprocess", uid, "--config", str(config)]) == EXIT_OK
+    assert f"queued {uid}" in capsys.readouterr().out
+    again = claim(db, "w")
+    assert again is not None and again.study_instance_uid == uid and again.id != job.id
