@@ -299,6 +299,26 @@ class DestinationSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """``[retention]``: deleting studies the node is finished with (off by default).
+
+    Only studies analysed (done or skipped) whose results were all delivered are ever
+    deleted (see :mod:`dicomnode.retention`).
+    """
+
+    delete_after_s: float = 0.0
+    """Delete such a study once nothing has arrived for it this long; 0 = never by age."""
+    high_water_percent: float = 0.0
+    """While the data disk is fuller than this, delete such studies oldest first; 0 = off."""
+    check_interval_s: float = 300.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether ``serve`` runs retention passes."""
+        return bool(self.delete_after_s or self.high_water_percent)
+
+
+@dataclass(frozen=True)
 class HTTPSettings:
     """``[http]``: health checks, Prometheus metrics and the status page (off when port = 0)."""
 
@@ -330,6 +350,7 @@ class Settings:
     ct: CTSettings = field(default_factory=CTSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def instances_dir(self) -> Path:
@@ -882,6 +903,18 @@ def _parse_http(root: _Reader) -> HTTPSettings:
     return s
 
 
+def _parse_retention(root: _Reader) -> RetentionSettings:
+    r = _Reader(_table(root, "retention"), "retention", root.problems)
+    d = RetentionSettings()
+    s = RetentionSettings(
+        delete_after_s=r.number("delete_after_s", float, d.delete_after_s, 0),
+        high_water_percent=r.number("high_water_percent", float, d.high_water_percent, 0, 99),
+        check_interval_s=r.number("check_interval_s", float, d.check_interval_s, 1, 86400),
+    )
+    r.check_unknown()
+    return s
+
+
 def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Settings:
     """Validate a parsed TOML document; raise :class:`ConfigError` listing every problem."""
     problems: list[tuple[str, str]] = []
@@ -903,6 +936,7 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         ct=_parse_ct(root, base_dir),
         outputs=_parse_outputs(root),
         http=_parse_http(root),
+        retention=_parse_retention(root),
     )
     root.check_unknown()
     if settings.http.enabled and settings.http.port == node.port:

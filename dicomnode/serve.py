@@ -321,6 +321,9 @@ def serve(settings: Settings) -> int:
     dispatcher: AssociationDispatcher | None = None
     supervisor = _Supervisor(settings)
     http = _start_http(settings, db, supervisor)
+    from dicomnode.retention import Retention, RetentionThread
+
+    retention = RetentionThread(Retention(settings, db))
     try:
         if processes == 1:
             receiver = Receiver(settings, db, store, 1)
@@ -343,6 +346,8 @@ def serve(settings: Settings) -> int:
         if http is not None:
             http.state.models_loaded.set()
         completion.start()
+        if settings.retention.enabled:
+            retention.start()
         if settings.destinations:
             sender.start()
         log.info(
@@ -369,6 +374,7 @@ def serve(settings: Settings) -> int:
         if http is not None:
             http.stop()
         completion.stop()
+        retention.stop()
         sender_stop.set()
         if sender.is_alive():
             sender.join(grace)
