@@ -207,9 +207,13 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
     db = Database(settings.database.url)
     db.require_current_schema()
     studies = recent_studies(db, limit=limit)
+    from dicomnode.ops.overview import findings
+
+    found = findings(db, [s.study_instance_uid for s in studies])
     queue = queue_status(db, limit=limit)
     if as_json:
-        json.dump({"studies": [s.as_json() for s in studies], **queue}, sys.stdout, indent=2)
+        rows = [{**s.as_json(), "findings": found.get(s.study_instance_uid, [])} for s in studies]
+        json.dump({"studies": rows, **queue}, sys.stdout, indent=2)
         print()
         return EXIT_OK
     jobs = queue["jobs"]
@@ -245,6 +249,8 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
             f"{s.last_received_at:%Y-%m-%d %H:%M:%S}  {s.study_instance_uid}"
             + (f"  ({s.reason})" if s.reason else "")
         )
+        for line in found.get(s.study_instance_uid, []):
+            print(f"{'':<10} {line}")
     return EXIT_OK
 
 

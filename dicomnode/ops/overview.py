@@ -88,6 +88,22 @@ def _findings(summary_json: str | None) -> list[str]:
     return describe(summary) if isinstance(summary, dict) else []
 
 
+def findings(db: Database, study_instance_uids: list[str]) -> dict[str, list[str]]:
+    """What the newest analysis of each study found, in words (studies without one left out)."""
+    if not study_instance_uids:
+        return {}
+    summaries: dict[str, str | None] = {}
+    with db.read() as session:
+        for uid, summary in session.execute(
+            select(Study.study_instance_uid, Job.summary)
+            .join(Job, Job.study_id == Study.id)
+            .where(Study.study_instance_uid.in_(study_instance_uids), Job.summary.is_not(None))
+            .order_by(Job.id)
+        ):
+            summaries[uid] = summary
+    return {uid: lines for uid, summary in summaries.items() if (lines := _findings(summary))}
+
+
 def recent_studies(db: Database, settings: Settings, limit: int = 50) -> list[StudyRow]:
     """The most recently received studies with state, reason, findings and result links."""
     with db.read() as session:
@@ -104,7 +120,6 @@ def recent_studies(db: Database, settings: Settings, limit: int = 50) -> list[St
         ).all()
         ids = [study.id for study, _ in rows]
         modalities: dict[int, set[str]] = {}
-        summaries: dict[int, str | None] = {}
         results: dict[int, dict[str, str]] = {}
         if ids:
             for study_id, modality in session.execute(
@@ -112,19 +127,13 @@ def recent_studies(db: Database, settings: Settings, limit: int = 50) -> list[St
             ):
                 if modality:
                     modalities.setdefault(study_id, set()).add(modality)
-            # The newest finished job of each study carries the summary shown.
-            for study_id, summary in session.execute(
-                select(Job.study_id, Job.summary)
-                .where(Job.study_id.in_(ids), Job.summary.is_not(None))
-                .order_by(Job.study_id, Job.id)
-            ):
-                summaries[study_id] = summary
             for study_id, sop_uid, sop_class in session.execute(
                 select(Delivery.study_id, Delivery.sop_instance_uid, Delivery.sop_class_uid)
                 .where(Delivery.study_id.in_(ids))
                 .distinct()
             ):
                 results.setdefault(study_id, {})[sop_uid] = sop_class
+    found = findings(db, [study.study_instance_uid for study, _ in rows])
     phi = settings.node.log_phi
     out = []
     for study, n in rows:
@@ -139,7 +148,7 @@ def recent_studies(db: Database, settings: Settings, limit: int = 50) -> list[St
                 last_received_at=study.last_received_at,
                 patient_id=study.patient_id if phi else None,
                 accession_number=study.accession_number if phi else None,
-                findings=_findings(summaries.get(study.id)),
+                findings=found.get(uid, []),
                 results=[
                     ResultLink(sop, _RESULT_KINDS.get(cls, cls), f"/results/{uid}/{sop}.dcm")
                     for sop, cls in sorted(results.get(study.id, {}).items())
