@@ -30,6 +30,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, delete, exists, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.config import RetentionSettings, Settings
 from dicomnode.db import Database, Delivery, DeliveryStatus, Instance, Job, JobStatus, Study, utcnow
@@ -49,7 +50,7 @@ def _disk_usage(path: Path) -> tuple[int, int, int]:
     return usage.total, usage.used, usage.free
 
 
-def _deletable() -> list[object]:
+def _deletable() -> list[ColumnElement[bool]]:
     """SQL conditions under which a study may be deleted (see the module docstring)."""
     busy_job = exists().where(
         and_(Job.study_id == Study.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))

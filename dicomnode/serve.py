@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -44,9 +44,13 @@ from dicomnode.pipelines import load_pipeline
 from dicomnode.queue import enqueue
 from dicomnode.receive.dispatch import AssociationDispatcher, ReceiverChannel
 from dicomnode.receive.server import Receiver
+from dicomnode.retention import Retention, RetentionThread
 from dicomnode.send import Sender
 from dicomnode.storage import InstanceStore
 from dicomnode.worker import Worker
+
+if TYPE_CHECKING:
+    from dicomnode.ops.http import HTTPServer
 
 log = logging.getLogger("dicomnode.serve")
 
@@ -269,7 +273,7 @@ def _enqueue_hook(settings: Settings) -> Callable[[Session, Study], None]:
     return on_complete
 
 
-def _start_http(settings: Settings, db: Database, supervisor: _Supervisor) -> Any:
+def _start_http(settings: Settings, db: Database, supervisor: _Supervisor) -> HTTPServer | None:
     """Start the ``[http]`` server (health, metrics, status page) if configured; else None."""
     if not settings.http.enabled:
         return None
@@ -321,8 +325,6 @@ def serve(settings: Settings) -> int:
     dispatcher: AssociationDispatcher | None = None
     supervisor = _Supervisor(settings)
     http = _start_http(settings, db, supervisor)
-    from dicomnode.retention import Retention, RetentionThread
-
     retention = RetentionThread(Retention(settings, db))
     try:
         if processes == 1:

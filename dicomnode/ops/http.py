@@ -148,8 +148,8 @@ class _ScrapeTimeCollector:
                 "Outbox rows (result x destination) by status",
                 labels=["status"],
             )
-            for status in DeliveryStatus:
-                gauge.add_metric([status.value], deliveries.get(status.value, 0))
+            for delivery_status in DeliveryStatus:
+                gauge.add_metric([delivery_status.value], deliveries.get(delivery_status.value, 0))
             yield gauge
         try:
             free = shutil.disk_usage(self.settings.node.data_dir).free
