@@ -203,12 +203,14 @@ class Worker:
                 "skipped" if outcome.skipped_reason else "done",
                 summary["seconds"],
             )
+            found = describe(summary) + (
+                [f"skipped: {outcome.skipped_reason}"] if outcome.skipped_reason else []
+            )
             log.info(
-                "job %d done: study %s: %s; %d result object(s) for %d destination(s)",
+                "job %d done: study %s%s; %d result object(s) for %d destination(s)",
                 job.id,
                 job.study_instance_uid,
-                "; ".join(describe(summary))
-                or f"skipped: {outcome.skipped_reason or 'nothing analysed'}",
+                f": {'; '.join(found)}" if found else "",
                 len(items),
                 len(destinations),
             )
