@@ -100,7 +100,7 @@ def test_a_wrong_models_path_in_the_container_config_fails_the_start_up_checks(
 def test_compose_file_wires_node_pacs_database_and_viewer() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) >= {"node", "orthanc", "postgres", "ohif"}
+    assert set(services) >= {"node", "orthanc", "postgres"}
     node = services["node"]
     assert (REPO / node["build"]["context"].replace("..", ".")).exists()
     assert (DEPLOY.parent / node["build"]["dockerfile"]).is_file()
@@ -130,10 +130,9 @@ def test_compose_file_wires_node_pacs_database_and_viewer() -> None:
     assert [config["node"]["ae_title"], "node", config["node"]["port"]] in modalities.values()
     callers = {c["ae_title"] for c in config["receive"]["callers"]}
     assert orthanc["ORTHANC__DICOM_AET"] in callers
-    # The viewer's configuration file exists and reads Orthanc's DICOMweb.
-    mount = services["ohif"]["volumes"][0].split(":")[0]
-    ohif_config = (DEPLOY / mount).read_text()
-    assert "/dicom-web" in ohif_config
+    # The viewer: OHIF served by Orthanc beside its DICOMweb (same origin, no CORS).
+    assert orthanc["DICOM_WEB_PLUGIN_ENABLED"] == orthanc["OHIF_PLUGIN_ENABLED"] == "true"
+    assert "8042:8042" in services["orthanc"]["ports"]
 
 
 def test_dockerfile_health_check_asks_the_configured_http_port() -> None:
