@@ -27,10 +27,12 @@ def describe(summary: dict[str, Any] | None) -> list[str]:
             for image in part.get("images", []):
                 lines.append(_radiograph(image))
         elif part.get("pipeline") == "ct" and part.get("score") is not None:
+            threshold = part.get("threshold")
+            at = f"{threshold:.2f}" if isinstance(threshold, int | float) else "?"
             lines.append(
                 f"CT: {part.get('finding')} {part['score']:.2f} "
-                f"({'positive' if part.get('positive') else 'negative'} at threshold "
-                f"{part.get('threshold')}, {part.get('slices_classified')} slices)"
+                f"({'positive' if part.get('positive') else 'negative'} at threshold {at}, "
+                f"{part.get('slices_classified')} slices)"
             )
     return lines
 

@@ -24,14 +24,14 @@ def test_a_chest_study_with_a_radiograph_and_a_ct() -> None:
             "finding": "covid19",
             "score": 0.4,
             "positive": False,
-            "threshold": 0.5,
+            "threshold": 0.5000001,
             "slices_classified": 42,
         },
     }
     assert describe(summary) == [
         "CXR 1.2.3: covid19 0.81, normal 0.10, pneumonia 0.09; 1 box(es) by gradcam: "
         "[10,20 30x40 p=0.90]",
-        "CT: covid19 0.40 (negative at threshold 0.5, 42 slices)",
+        "CT: covid19 0.40 (negative at threshold 0.50, 42 slices)",
     ]
 
 
