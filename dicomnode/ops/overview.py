@@ -13,6 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 
 from dicomnode.config import Settings
@@ -149,13 +151,28 @@ def recent_studies(db: Database, settings: Settings, limit: int = 50) -> list[St
                 patient_id=study.patient_id if phi else None,
                 accession_number=study.accession_number if phi else None,
                 findings=found.get(uid, []),
-                results=[
-                    ResultLink(sop, _RESULT_KINDS.get(cls, cls), f"/results/{uid}/{sop}.dcm")
-                    for sop, cls in sorted(results.get(study.id, {}).items())
-                ],
+                results=_result_links(settings, uid, results.get(study.id, {})),
             )
         )
     return out
+
+
+def _result_links(settings: Settings, uid: str, known: dict[str, str]) -> list[ResultLink]:
+    """The study's result objects: those in the outbox and those on disk (no destination)."""
+    classes = dict(known)
+    folder = settings.results_dir / uid
+    if folder.is_dir():
+        for path in folder.glob("*.dcm"):
+            if path.stem not in classes:
+                try:
+                    header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+                    classes[path.stem] = str(header.get("SOPClassUID", "?"))
+                except (InvalidDicomError, OSError):
+                    continue
+    return [
+        ResultLink(sop, _RESULT_KINDS.get(cls, cls), f"/results/{uid}/{sop}.dcm")
+        for sop, cls in sorted(classes.items())
+    ]
 
 
 def failed_jobs(db: Database, limit: int = 20) -> list[dict[str, Any]]:

@@ -118,10 +118,20 @@ def test_health_metrics_and_status_page_of_a_running_node(tmp_path: Path) -> Non
         assert _sample(text, "dicomnode_jobs", status="failed") == 0
         assert _sample(text, "dicomnode_deliveries", status="pending") == 0
 
+        # A result object the node keeps for the study (as the worker writes them) is linked
+        # from the page and served as it is.
+        result = make_instance(node.data_dir / "results" / study_uid, modality="CR")
         status, page = _get(http_port, "/")
         assert status == 200
         assert study_uid in page
         assert "PID-SECRET-42" not in page, "patient IDs appear only when node.log_phi is true"
+        link = f"/results/{study_uid}/{result.stem}.dcm"
+        assert f'href="{link}"' in page
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{link}", timeout=10) as r:
+            assert r.headers["Content-Type"] == "application/dicom"
+            assert r.read() == result.read_bytes()
+        assert _get(http_port, f"/results/{study_uid}/..%2F..%2Fdicomnode.db.dcm")[0] == 404
+        assert _get(http_port, "/models/no-such-model")[0] == 404
         assert node.proc is not None and node.proc.poll() is None
 
 
