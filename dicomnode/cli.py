@@ -56,7 +56,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="run workers only (more hosts sharing one PostgreSQL database and storage)",
     )
     requeue = sub.add_parser(
-        "requeue", parents=[common], help="queue a study (or every failed study) again"
+        "requeue",
+        aliases=["reprocess"],
+        parents=[common],
+        help="queue a study (or every failed study) again: it runs with the current models",
     )
     target = requeue.add_mutually_exclusive_group(required=True)
     target.add_argument("study_instance_uid", nargs="?", metavar="STUDY_UID")
@@ -66,13 +69,32 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--limit", type=int, default=50, help="how many studies (default 50)")
 
+    send = sub.add_parser(
+        "send",
+        parents=[common],
+        help="C-STORE DICOM files or folders, as they are, to the node (or --to a peer)",
+    )
+    send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    send.add_argument(
+        "--to", metavar="HOST:PORT", help="the peer (default: this node, from the config)"
+    )
+    send.add_argument("--aec", metavar="AE", help="called AE title (default: node.ae_title)")
+    send.add_argument(
+        "--aet", metavar="AE", default="STORESCU", help="calling AE title (default: STORESCU)"
+    )
+
     echo = sub.add_parser("echo", parents=[common], help="C-ECHO a destination")
     echo.add_argument("name", metavar="NAME", help="a [[destinations]] name")
 
     config = sub.add_parser("config", parents=[common], help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    config_sub.add_parser(
-        "check", parents=[common], help="validate the configuration and explain every mistake"
+    check = config_sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate the configuration (and the models, TLS files and data folder it names)",
+    )
+    check.add_argument(
+        "--connect", action="store_true", help="also C-ECHO every [[destinations]] entry"
     )
 
     db = sub.add_parser("db", parents=[common], help="database tools")
@@ -144,7 +166,12 @@ def _cmd_training(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_config_check(settings: Settings) -> int:
+def _cmd_config_check(settings: Settings, connect: bool) -> int:
+    from dicomnode.ops import preflight
+
+    # What serve checks at start (models, checksums, TLS files, data folder), and the
+    # pipeline's models even when this host runs no workers (`dicomnode worker` would).
+    preflight.check(settings, workers=True)
     print(f"{settings.source}: OK")
     print(f"  node {settings.node.ae_title} on {settings.node.bind}:{settings.node.port}")
     print(f"  data in {settings.node.data_dir}")
@@ -156,9 +183,21 @@ def _cmd_config_check(settings: Settings) -> int:
         f"  callers: {callers or 'none'}"
         + ("; unknown callers allowed" if settings.receive.allow_unknown_callers else "")
     )
+    print(f"  pipeline {settings.worker.pipeline}, {settings.worker.processes} worker process(es)")
+    if settings.http.enabled:
+        print(f"  http on {settings.http.bind}:{settings.http.port}")
+    code = EXIT_OK
     for d in settings.destinations:
-        print(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}")
-    return EXIT_OK
+        line = f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}"
+        if connect:
+            from dicomnode.send import echo
+
+            outcome = echo(d, settings.node.ae_title, timeout_s=10)
+            line += f": C-ECHO {outcome}"
+            if outcome != "success":
+                code = EXIT_ERROR
+        print(line)
+    return code
 
 
 def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
@@ -167,11 +206,15 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
     from dicomnode.queue import queue_status
 
     db = Database(settings.database.url)
-    db.migrate()
+    db.require_current_schema()
     studies = recent_studies(db, limit=limit)
+    from dicomnode.ops.overview import findings
+
+    found = findings(db, [s.study_instance_uid for s in studies])
     queue = queue_status(db, limit=limit)
     if as_json:
-        json.dump({"studies": [s.as_json() for s in studies], **queue}, sys.stdout, indent=2)
+        rows = [{**s.as_json(), "findings": found.get(s.study_instance_uid, [])} for s in studies]
+        json.dump({"studies": rows, **queue}, sys.stdout, indent=2)
         print()
         return EXIT_OK
     jobs = queue["jobs"]
@@ -193,7 +236,7 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
     for item in queue["undelivered"]:
         print(
             f"  {item['status']:<8} {item['sop_instance_uid']} -> {item['destination']} "
-            f"(attempts {item['attempts']}, last status {item['last_status']}, "
+            f"(attempts {item['attempts']}, last status {_dicom_status(item['last_status'])}, "
             f"{item['last_error'] or 'no error yet'})"
         )
     print()
@@ -207,7 +250,46 @@ def _cmd_status(settings: Settings, as_json: bool, limit: int) -> int:
             f"{s.last_received_at:%Y-%m-%d %H:%M:%S}  {s.study_instance_uid}"
             + (f"  ({s.reason})" if s.reason else "")
         )
+        for line in found.get(s.study_instance_uid, []):
+            print(f"{'':<10} {line}")
     return EXIT_OK
+
+
+def _cmd_send(args: argparse.Namespace, settings: Settings | None) -> int:
+    from dicomnode.ops.store_files import parse_address, send_files
+
+    if args.to is not None:
+        try:
+            host, port = parse_address(args.to)
+        except ValueError as exc:
+            print(f"dicomnode: --to: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    else:
+        assert settings is not None
+        bind = settings.node.bind
+        host = "127.0.0.1" if bind in ("", "0.0.0.0", "::", "localhost") else bind
+        port = settings.node.port
+    called = args.aec or (settings.node.ae_title if settings is not None else "DICOMNODE")
+
+    def skipped(path: Path, why: str) -> None:
+        print(f"skipped {path}: {why}")
+
+    report = send_files(args.paths, host, port, called, args.aet, on_skip=skipped)
+    for path, why in report.failed:
+        print(f"failed  {path}: {why}", file=sys.stderr)
+    total = report.stored + len(report.failed)
+    print(
+        f"{report.stored} of {total} DICOM file(s) stored by {called}@{host}:{port}"
+        + (f", {len(report.skipped)} other file(s) skipped" if report.skipped else "")
+    )
+    if total == 0:
+        print("dicomnode: no DICOM files to send", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def _dicom_status(status: int | None) -> str:
+    """A C-STORE status as DICOM writes it (0xA700), or 'none yet' before the first answer."""
+    return "none yet" if status is None else f"{status:#06x}"
 
 
 def _cmd_echo(settings: Settings, name: str) -> int:
@@ -231,7 +313,7 @@ def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int
     from dicomnode.queue import requeue
 
     db = Database(settings.database.url)
-    db.migrate()
+    db.require_current_schema()
     queued = requeue(db, settings.queue, study_instance_uid=study_uid, failed=failed)
     for uid in queued:
         print(f"queued {uid}")
@@ -240,6 +322,14 @@ def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int
         print(f"nothing queued: no {what} that is complete and not already queued or running")
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _config_invalid(path: Path, exc: ConfigError) -> int:
+    """Print every problem with its key path; the exit code of an invalid configuration."""
+    print(f"dicomnode: {path}: configuration is invalid:", file=sys.stderr)
+    for key, message in exc.problems:
+        print(f"  {key}: {message}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,13 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"dicomnode: {args.config}: configuration is invalid:", file=sys.stderr)
-        for path, message in exc.problems:
-            print(f"  {path}: {message}", file=sys.stderr)
-        return EXIT_CONFIG
+        if args.command == "send" and args.to and args.aec:
+            return _cmd_send(args, None)  # a peer named in full needs no configuration
+        return _config_invalid(args.config, exc)
     try:
         if args.command == "config":
-            return _cmd_config_check(settings)
+            return _cmd_config_check(settings, args.connect)
         if args.command == "status":
             return _cmd_status(settings, args.json, args.limit)
         if args.command == "db":
@@ -271,7 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "echo":
             return _cmd_echo(settings, args.name)
-        if args.command == "requeue":
+        if args.command == "send":
+            return _cmd_send(args, settings)
+        if args.command in ("requeue", "reprocess"):
             return _cmd_requeue(settings, args.study_instance_uid, args.failed)
         if args.command == "serve":
             from dicomnode.serve import serve
@@ -281,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dicomnode.serve import work
 
             return work(settings)
+    except ConfigError as exc:  # found at start: models, TLS files, data dir
+        return _config_invalid(args.config, exc)
     except DicomNodeError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT_ERROR

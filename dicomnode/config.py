@@ -304,6 +304,39 @@ class DestinationSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """``[retention]``: deleting studies the node is finished with (off by default).
+
+    Only studies analysed (done or skipped) whose results were all delivered are ever
+    deleted (see :mod:`dicomnode.retention`).
+    """
+
+    delete_after_s: float = 0.0
+    """Delete such a study once nothing has arrived for it this long; 0 = never by age."""
+    high_water_percent: float = 0.0
+    """While the data disk is fuller than this, delete such studies oldest first; 0 = off."""
+    check_interval_s: float = 300.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether ``serve`` runs retention passes."""
+        return bool(self.delete_after_s or self.high_water_percent)
+
+
+@dataclass(frozen=True)
+class HTTPSettings:
+    """``[http]``: health checks, Prometheus metrics and the status page (off when port = 0)."""
+
+    bind: str = "127.0.0.1"
+    port: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether ``serve`` starts the HTTP server."""
+        return self.port != 0
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole validated configuration."""
 
@@ -321,6 +354,8 @@ class Settings:
     cxr: CXRSettings = field(default_factory=CXRSettings)
     ct: CTSettings = field(default_factory=CTSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
+    http: HTTPSettings = field(default_factory=HTTPSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def instances_dir(self) -> Path:
@@ -862,6 +897,33 @@ def _parse_outputs(root: _Reader) -> OutputSettings:
     return s
 
 
+def _parse_http(root: _Reader) -> HTTPSettings:
+    r = _Reader(_table(root, "http"), "http", root.problems)
+    d = HTTPSettings()
+    bind = r.get("bind", str, d.bind)
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError:
+        if bind != "localhost":
+            r.problem("bind", f"must be an IP address to listen on, got {bind!r}")
+            bind = d.bind
+    s = HTTPSettings(bind=bind, port=r.number("port", int, d.port, 0, 65535))
+    r.check_unknown()
+    return s
+
+
+def _parse_retention(root: _Reader) -> RetentionSettings:
+    r = _Reader(_table(root, "retention"), "retention", root.problems)
+    d = RetentionSettings()
+    s = RetentionSettings(
+        delete_after_s=r.number("delete_after_s", float, d.delete_after_s, 0),
+        high_water_percent=r.number("high_water_percent", float, d.high_water_percent, 0, 99),
+        check_interval_s=r.number("check_interval_s", float, d.check_interval_s, 1, 86400),
+    )
+    r.check_unknown()
+    return s
+
+
 def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None) -> Settings:
     """Validate a parsed TOML document; raise :class:`ConfigError` listing every problem."""
     problems: list[tuple[str, str]] = []
@@ -882,8 +944,12 @@ def parse_settings(data: Mapping[str, Any], base_dir: Path, source: Path | None)
         cxr=_parse_cxr(root, base_dir),
         ct=_parse_ct(root, base_dir),
         outputs=_parse_outputs(root),
+        http=_parse_http(root),
+        retention=_parse_retention(root),
     )
     root.check_unknown()
+    if settings.http.enabled and settings.http.port == node.port:
+        problems.append(("http.port", f"must differ from node.port, got {settings.http.port}"))
     if problems:
         raise ConfigError(problems)
     return settings

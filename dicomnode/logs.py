@@ -14,8 +14,22 @@ import sys
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
+#: Loggers that get one of the filters below.
+_FILTERED = (
+    "tensorflow",
+    "apscheduler.scheduler",
+    "py.warnings",
+    "pydicom",
+    "pynetdicom.transport",
+    "pynetdicom.acse",
+)
 
-class _ExpectedRetracing(logging.Filter):
+
+class _NodeFilter(logging.Filter):
+    """Base of the node's filters, so that a new set-up replaces those of the last one."""
+
+
+class _ExpectedRetracing(_NodeFilter):
     """Drop TensorFlow's "triggered tf.function retracing" warning.
 
     Keras builds one predict function per model, so warming up the five or six models of
@@ -27,7 +41,7 @@ class _ExpectedRetracing(logging.Filter):
         return "triggered tf.function retracing" not in record.getMessage()
 
 
-class _BusyTick(logging.Filter):
+class _BusyTick(_NodeFilter):
     """Drop APScheduler's "skipped: maximum number of running instances reached".
 
     The completion check runs every ``completion.check_interval_s`` with at most one run
@@ -39,7 +53,7 @@ class _BusyTick(logging.Filter):
         return "maximum number of running instances reached" not in record.getMessage()
 
 
-class _QuotedValue(logging.Filter):
+class _QuotedValue(_NodeFilter):
     """Keep the values of data elements out of library warnings: they may be PHI.
 
     pydicom warns (through ``warnings`` and its ``pydicom`` logger) with the value when
@@ -61,6 +75,28 @@ class _QuotedValue(logging.Filter):
         return True
 
 
+class _OwnOutcome(_NodeFilter):
+    """Drop pynetdicom's ERROR lines about an association this node asked for and did not get.
+
+    When a destination is down, each delivery attempt made pynetdicom log
+    "Association request failed: unable to connect to remote" and "TCP Initialisation
+    Error: ..." (or "Association Rejected" / "Aborted"); the sender logs one line per
+    attempt with the same outcome and what happens next, so these only double it.
+    """
+
+    _MESSAGES = (
+        "Association request failed: unable to connect",
+        "TCP Initialisation Error",
+        "Association Rejected",
+        "Association Aborted",
+        "Result: ",
+        "Reason: ",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self._MESSAGES)
+
+
 #: pydicom's message for a value its VR forbids (the value follows the colon).
 _INVALID_VALUE = re.compile(r"Invalid value for VR (\w\w)")
 
@@ -74,9 +110,14 @@ def configure_logging(level: str = "INFO") -> None:
     handler.setFormatter(logging.Formatter(_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
-    # pynetdicom logs each association at INFO; keep it to warnings unless debugging.
+    for name in _FILTERED:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _NodeFilter)]:
+            logger.removeFilter(old)
+    # pynetdicom logs each association at INFO, highdicom several lines per result object,
+    # uvicorn each start: keep libraries to warnings unless debugging.
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
-    for noisy in ("pynetdicom", "alembic", "apscheduler"):
+    for noisy in ("pynetdicom", "alembic", "apscheduler", "highdicom", "uvicorn"):
         logging.getLogger(noisy).setLevel(quiet)
     # Library warnings become log records, so the same format and filters apply.
     logging.captureWarnings(True)
@@ -85,3 +126,5 @@ def configure_logging(level: str = "INFO") -> None:
     if level != "DEBUG":
         logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
         logging.getLogger("apscheduler.scheduler").addFilter(_BusyTick())
+        for name in ("pynetdicom.transport", "pynetdicom.acse"):
+            logging.getLogger(name).addFilter(_OwnOutcome())

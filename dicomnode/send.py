@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicomnode import metrics
 from dicomnode.config import DestinationSettings, Settings
 from dicomnode.db import Database
 from dicomnode.queue.outbox import Claimed, claim_deliveries, record_delivery
@@ -118,6 +119,7 @@ class Sender:
         outcome = record_delivery(
             self.db, item.id, self.settings.outbox, ok, status=status, error=error
         )
+        metrics.delivery_attempt(item.destination, ok)
         if ok:
             log.info("delivered %s to %s", item.sop_instance_uid, item.destination)
         else:

@@ -30,10 +30,11 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from dicomnode import metrics
 from dicomnode.completion import CompletionScheduler
 from dicomnode.config import Settings
 from dicomnode.db import Database, Study, utcnow
@@ -43,9 +44,13 @@ from dicomnode.pipelines import load_pipeline
 from dicomnode.queue import enqueue
 from dicomnode.receive.dispatch import AssociationDispatcher, ReceiverChannel
 from dicomnode.receive.server import Receiver
+from dicomnode.retention import Retention, RetentionThread
 from dicomnode.send import Sender
 from dicomnode.storage import InstanceStore
 from dicomnode.worker import Worker
+
+if TYPE_CHECKING:
+    from dicomnode.ops.http import HTTPServer
 
 log = logging.getLogger("dicomnode.serve")
 
@@ -324,10 +329,29 @@ def _enqueue_hook(settings: Settings) -> Callable[[Session, Study], None]:
     return on_complete
 
 
+def _start_http(settings: Settings, db: Database, supervisor: _Supervisor) -> HTTPServer | None:
+    """Start the ``[http]`` server (health, metrics, status page) if configured; else None."""
+    if not settings.http.enabled:
+        return None
+    from dicomnode.ops.http import HTTPServer, NodeState
+
+    state = NodeState(
+        dead_children=lambda: [
+            name for name, (proc, *_) in supervisor.children.items() if not proc.is_alive()
+        ]
+    )
+    server = HTTPServer(settings, db, state)
+    server.start()
+    return server
+
+
 def serve(settings: Settings) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT; return the exit code."""
     configure_logging(settings.node.log_level)
     node = settings.node
+    from dicomnode.ops import preflight
+
+    preflight.check(settings)  # models, TLS files, data dir: ConfigError (exit 2) before receiving
     stop = threading.Event()
     _install_stop_signals(stop)
 
@@ -340,6 +364,7 @@ def serve(settings: Settings) -> int:
     if removed:
         log.warning("removed %d partial file(s) left by an earlier stop", removed)
     _check_port_free(node.bind, node.port)
+    metrics.prepare_multiprocess(node.data_dir)  # before any child starts: they inherit it
 
     completion = CompletionScheduler(
         db, settings.completion.check_interval_s, on_complete=_enqueue_hook(settings)
@@ -355,6 +380,8 @@ def serve(settings: Settings) -> int:
     receiver: Receiver | None = None
     dispatcher: AssociationDispatcher | None = None
     supervisor = _Supervisor(settings, stop)
+    http = _start_http(settings, db, supervisor)
+    retention = RetentionThread(Retention(settings, db))
     try:
         if processes == 1:
             receiver = Receiver(settings, db, store, 1)
@@ -370,9 +397,15 @@ def serve(settings: Settings) -> int:
                     f"receiver-{index}", _receiver_main, _channel_for(dispatcher, index)
                 )
             dispatcher.start()
+        if http is not None:
+            http.state.receiving.set()
         for index in range(settings.worker.processes):
             supervisor.start(f"worker-{index}", _worker_main)
+        if http is not None:
+            http.state.models_loaded.set()
         completion.start()
+        if settings.retention.enabled:
+            retention.start()
         if settings.destinations:
             sender.start()
         log.info(
@@ -398,7 +431,10 @@ def serve(settings: Settings) -> int:
         if dispatcher is not None:
             dispatcher.stop()
         supervisor.stop(grace)
+        if http is not None:
+            http.stop()
         completion.stop()
+        retention.stop()
         sender_stop.set()
         if sender.is_alive():
             sender.join(grace)

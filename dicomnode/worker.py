@@ -22,9 +22,11 @@ from collections.abc import Sequence
 
 from sqlalchemy import select
 
+from dicomnode import metrics
 from dicomnode.config import Settings
 from dicomnode.db import Database, Instance, Series
 from dicomnode.errors import is_retryable
+from dicomnode.outcome import describe
 from dicomnode.pipelines import InstanceInput, Pipeline, ResultObject, StudyInput
 from dicomnode.queue import (
     ClaimedJob,
@@ -192,6 +194,7 @@ class Worker:
                     traceback.format_exc(),
                 )
                 status = fail(self.db, job, self.identity, detail, self.policy, retryable=retryable)
+                metrics.job_finished(self.pipeline.name, "error", time.perf_counter() - started)
                 log.info("job %d is now %s", job.id, status or "held by another worker")
                 return True
         if beat.lost:
@@ -212,12 +215,21 @@ class Worker:
             note=outcome.note,
         ):
             self.jobs_done += 1
+            metrics.job_finished(
+                self.pipeline.name,
+                "skipped" if outcome.skipped_reason else "done",
+                summary["seconds"],
+            )
+            found = describe(summary) + (
+                [f"skipped: {outcome.skipped_reason}"] if outcome.skipped_reason else []
+            )
             log.info(
-                "job %d done: %d result object(s) for %d destination(s)%s",
+                "job %d done: study %s%s; %d result object(s) for %d destination(s)",
                 job.id,
+                job.study_instance_uid,
+                f": {'; '.join(found)}" if found else "",
                 len(items),
                 len(destinations),
-                f"; skipped: {outcome.skipped_reason}" if outcome.skipped_reason else "",
             )
         else:
             log.warning("job %d was reclaimed while it ran; its results are discarded", job.id)

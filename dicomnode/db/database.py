@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from dicomnode.errors import DicomNodeError
+
 log = logging.getLogger(__name__)
 
 _MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -160,6 +162,51 @@ class Database:
             connection.commit()
         finally:
             connection.close()
+
+    def schema_revisions(self) -> tuple[set[str], set[str]]:
+        """(the database's Alembic revisions, the newest this code has); reads only."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        newest = set(ScriptDirectory(str(_MIGRATIONS_DIR)).get_heads())
+        with self.engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+        return current, newest
+
+    def require_current_schema(self) -> None:
+        """Raise :class:`DicomNodeError` unless the schema is the newest (never migrates).
+
+        For commands that only read or make small changes (``status``, ``requeue``):
+        an upgrade is an admin's decision (``dicomnode db upgrade``, or ``serve``).
+        """
+        current, newest = self.schema_revisions()
+        if current == newest:
+            return
+        where = make_url(self.url).render_as_string(hide_password=True)
+        if not current:
+            raise DicomNodeError(
+                f"the database {where} has no dicomnode schema yet: run `dicomnode db upgrade` "
+                "(or start `dicomnode serve`, which creates it)"
+            )
+        if current - newest and not self._known(current):
+            raise DicomNodeError(
+                f"the database {where} is at schema revision {', '.join(sorted(current))}, "
+                f"which this dicomnode does not know (its newest is {', '.join(sorted(newest))}): "
+                "it was upgraded by a newer dicomnode; use that version"
+            )
+        raise DicomNodeError(
+            f"the database {where} is at schema revision {', '.join(sorted(current))}; this "
+            f"dicomnode needs {', '.join(sorted(newest))}: run `dicomnode db upgrade` first "
+            "(this command does not change the schema)"
+        )
+
+    @staticmethod
+    def _known(revisions: set[str]) -> bool:
+        from alembic.script import ScriptDirectory
+
+        script = ScriptDirectory(str(_MIGRATIONS_DIR))
+        known = {rev.revision for rev in script.walk_revisions()}
+        return revisions <= known
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe to call from many hosts)."""

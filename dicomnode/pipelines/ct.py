@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode import metrics
 from dicomnode.config import CTSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import ImageDecodeError, read_hu, to_hu
@@ -266,7 +267,7 @@ class CTPipeline:
         if not s.lung_mask:
             return lung_mask_hu(hu, spacing, threshold=s.lung_threshold_hu)
         x = lung_model_input(hu, self.specs[s.lung_mask], self.window)
-        with self._predict_lock:
+        with self._predict_lock, metrics.inference(s.lung_mask):
             probability = np.asarray(self.models[s.lung_mask].predict(x, verbose=0))[0, ..., 0]
         return lung_mask_from_model(probability, hu)
 
@@ -302,7 +303,7 @@ class CTPipeline:
         model always sees one input shape (no retracing for each study's last batch)."""
         size = self.settings.batch_size
         x = classifier_batch(crops, self.classifier, size)
-        with self._predict_lock:
+        with self._predict_lock, metrics.inference(self.settings.classifier):
             out = self.models[self.settings.classifier].predict(x, batch_size=size, verbose=0)
         return slice_probabilities(out, len(crops))
 

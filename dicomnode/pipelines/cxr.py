@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode import metrics
 from dicomnode.config import CXRSettings, RoutingSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import Image8, ImageDecodeError, to_uint8
@@ -220,7 +221,7 @@ class CXRPipeline:
         )
 
     def _predict(self, name: str, batch: np.ndarray) -> np.ndarray:
-        with self._model_lock:
+        with self._model_lock, metrics.inference(name):
             return np.asarray(self.models[name].predict(batch, verbose=0))
 
     def _analyse_batch(

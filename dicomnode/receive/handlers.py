@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pynetdicom.events import Event
 
+from dicomnode import metrics
 from dicomnode.config import ReceiveSettings, Settings
 from dicomnode.db import Database, utcnow
 from dicomnode.errors import DatasetError, StorageFullError
@@ -82,6 +83,7 @@ def handle_requested(event: Event, settings: ReceiveSettings, node_ae_title: str
             host,
         )
         event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
+        metrics.association_rejected()
         # Wait until the A-ASSOCIATE-RJ is on the wire before the connection is closed
         # (what pynetdicom itself does after its own rejections).
         event.assoc.kill()

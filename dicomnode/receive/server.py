@@ -22,6 +22,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomnode import metrics
 from dicomnode.config import Settings, TLSSettings
 from dicomnode.db import Database
 from dicomnode.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
@@ -155,7 +156,9 @@ class Receiver:
                 [self.settings.receive, self.settings.node.ae_title],
             ),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.ctx]),
+            (evt.EVT_C_STORE, metrics.counted_store(handle_store), [self.ctx]),
+            (evt.EVT_ESTABLISHED, metrics.association_accepted),
+            (evt.EVT_REJECTED, metrics.association_rejected),
         ]
         address = (self.settings.node.bind, self.settings.node.port)
         tls = self.settings.receive.tls

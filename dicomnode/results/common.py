@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -222,12 +223,18 @@ def copyable_header(source: Dataset) -> Dataset:
         if keyword not in header:
             setattr(header, keyword, None)
     if emptied:
-        log.warning(
-            "source %s has values invalid for their VR, left empty in the results: %s",
-            source.get("SOPInstanceUID", "?"),
-            ", ".join(emptied),
-        )
+        _warn_emptied(str(source.get("SOPInstanceUID", "?")), tuple(emptied))
     return header
+
+
+@functools.lru_cache(maxsize=1024)
+def _warn_emptied(sop_instance_uid: str, keywords: tuple[str, ...]) -> None:
+    """Log once per source image, not once per result object made from it."""
+    log.warning(
+        "source %s has values invalid for their VR, left empty in the results: %s",
+        sop_instance_uid,
+        ", ".join(keywords),
+    )
 
 
 def _breaks_its_vr(element: DataElement) -> bool:

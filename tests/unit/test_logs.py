@@ -13,7 +13,14 @@ from dicomnode.logs import configure_logging
 def _restore_logging() -> object:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    loggers = [logging.getLogger(n) for n in ("tensorflow", "apscheduler.scheduler", "py.warnings")]
+    names = (
+        "tensorflow",
+        "apscheduler.scheduler",
+        "py.warnings",
+        "pynetdicom.transport",
+        "pynetdicom.acse",
+    )
+    loggers = [logging.getLogger(n) for n in names]
     filters = [list(logger.filters) for logger in loggers]
     yield
     root.handlers[:] = handlers
@@ -102,3 +109,31 @@ def test_pydicom_warnings_about_invalid_values_keep_the_value_out_of_the_log(
     assert "1961" not in err and "Female" not in err, err
     assert "pydicom: Invalid value for VR DA (the value is not logged)" in err
     assert "py.warnings: Invalid value for VR CS (the value is not logged)" in err
+
+
+def test_library_chatter_stays_below_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    logging.getLogger("highdicom.sr.templates").info("adding measurement group")
+    logging.getLogger("uvicorn.error").info("Started server process")
+    logging.getLogger("highdicom.sr").warning("a real problem")
+    err = capsys.readouterr().err
+    assert "adding measurement group" not in err and "Started server process" not in err
+    assert "a real problem" in err
+
+
+def test_a_failed_outgoing_association_is_not_logged_twice(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+    transport = logging.getLogger("pynetdicom.transport")
+    transport.error("Association request failed: unable to connect to remote")
+    transport.error("TCP Initialisation Error: [Errno 111] Connection refused")
+    logging.getLogger("pynetdicom.acse").error("Association Rejected")
+    transport.error("something pynetdicom did not expect")
+    err = capsys.readouterr().err
+    assert "unable to connect" not in err and "Connection refused" not in err
+    assert "Association Rejected" not in err
+    assert "something pynetdicom did not expect" in err
+    configure_logging("DEBUG")
+    transport.error("Association request failed: unable to connect to remote")
+    assert "unable to connect" in capsys.readouterr().err

@@ -656,6 +656,8 @@ def test_a_value_that_breaks_its_vr_is_left_empty_not_fatal(
         r.getMessage().replace(uid, "") for r in caplog.records if r.name == "dicomnode.results"
     ]
     assert any(keyword in message for message in logged), caplog.text
+    about_first = [r for r in caplog.records if uid in r.getMessage()]
+    assert len(about_first) == 1, "one warning per source image, not one per result object"
     shown = value if isinstance(value, str) else value[0]
     assert not any(shown in message for message in logged), "a value was logged"
 
