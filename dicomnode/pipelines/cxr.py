@@ -37,6 +37,7 @@ from dicomnode.config import CXRSettings, RoutingSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import Image8, ImageDecodeError, to_uint8
 from dicomnode.inference.detector import (
+    BoxSettings,
     boxes_from_detector,
     boxes_from_heatmap,
     detector_input,
@@ -104,6 +105,7 @@ class CXRPipeline:
         self.models: dict[str, Any] = {}
         self.gradcam: GradCAM | None = None
         self.weights: list[float] | None = None
+        self.box_settings = BoxSettings()
         self.device = "not loaded"
         # Keras models and the Grad-CAM tape are not safe to call from two threads at
         # once; the worker threads share this pipeline, so model calls take turns.
@@ -129,6 +131,11 @@ class CXRPipeline:
             names.append(s.detector)
         for name in names:
             self.models[name] = load_model(self._spec(name))
+        if s.detector:
+            try:
+                self.box_settings = BoxSettings.from_table(self.specs[s.detector].postprocess)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError([("cxr.detector", f"{s.detector!r}: {exc}")]) from None
         classes = [self.specs[m].class_names for m in s.members]
         if any(c != classes[0] for c in classes):
             raise ConfigError(
@@ -263,8 +270,9 @@ class CXRPipeline:
 
         started = time.perf_counter()
         detector_maps: dict[int, np.ndarray] = {}
-        if s.detector and any(abnormal):
-            which = [i for i, a in enumerate(abnormal) if a]
+        wanted = [a or not s.ensemble_gates_detector for a in abnormal]
+        if s.detector and any(wanted):
+            which = [i for i, a in enumerate(wanted) if a]
             det_in = detector_input([batch[i][1].pixels for i in which], self.specs[s.detector])
             for i, prob in zip(which, self._predict(s.detector, det_in)[..., 0], strict=True):
                 detector_maps[i] = prob
@@ -290,19 +298,19 @@ class CXRPipeline:
                 explained_by=self.explainer,
                 heatmap=cams[i],
                 source=None if img.header is None else SourceImage(img.header, img.pixels),
+                lung_mask=np.asarray(mask, bool),
+                opacity_map=detector_maps.get(i),
             )
-            if abnormal[i]:
+            if i in detector_maps:
                 lungs = source_lungs(mask, img.Rows, img.Columns)
-                if i in detector_maps:
-                    result.boxes = boxes_from_detector(
-                        detector_maps[i], lungs, s.detector_threshold
-                    )
-                    result.box_method = f"detector:{s.detector}"
-                else:
-                    result.boxes = boxes_from_heatmap(
-                        result.heatmap_in_source(), lungs, s.gradcam_box_threshold
-                    )
-                    result.box_method = "gradcam-threshold"
+                result.boxes = boxes_from_detector(detector_maps[i], lungs, self.box_settings)
+                result.box_method = f"detector:{s.detector}"
+            elif abnormal[i] and not s.detector and s.gradcam_boxes:
+                lungs = source_lungs(mask, img.Rows, img.Columns)
+                result.boxes = boxes_from_heatmap(
+                    result.heatmap_in_source(), lungs, s.gradcam_box_threshold
+                )
+                result.box_method = "gradcam-threshold"
             results.append(result)
         timer.add("boxes", started)
         return results

@@ -209,7 +209,11 @@ def test_chest_pipeline_runs_both_and_skips_with_both_reasons(
     cxr_models = write_cxr_models(tmp_path / "cxr")
     cxr = CXRPipeline(
         CXRSettings(
-            models_dir=cxr_models, lung_mask="lung", members=("m1", "m2", "m3"), explain_member="m1"
+            models_dir=cxr_models,
+            lung_mask="lung",
+            members=("m1", "m2", "m3"),
+            explain_member="m1",
+            detector="detector",
         ),
         RoutingSettings(),
     )

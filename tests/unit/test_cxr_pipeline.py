@@ -39,6 +39,8 @@ def _settings(models_dir: Path, **changes: object) -> CXRSettings:
         strategy="weighted",  # the manifests' weights, checked below
         explain_member="m1",
         abnormal_threshold=0.0,  # look for boxes on every image
+        detector="",
+        gradcam_boxes=True,  # the configured fallback, unless a test names a detector
         batch_size=4,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
@@ -153,3 +155,25 @@ def test_inconsistent_configuration_is_refused(models_dir: Path) -> None:
         CXRPipeline(_settings(models_dir, explain_class="pneumothorax"), RoutingSettings()).load()
     with pytest.raises(ConfigError, match="stacking"):
         CXRPipeline(_settings(models_dir, strategy="stacking"), RoutingSettings()).load()
+
+
+def test_detector_gates_and_grad_cam_boxes_only_when_configured(models_dir: Path) -> None:
+    """The detector runs on every image (its own gate) unless the ensemble is asked to
+    gate it; without a detector, Grad-CAM boxes only when configured; the lung mask and
+    the detector's map travel with the result (for the Segmentation)."""
+    study = _study(dicom_files(shared_data("dicom_cxr")))
+    runs = {}
+    for name, changes in {
+        "detector": {"detector": "detector", "abnormal_threshold": 1.0},
+        "gated": {"detector": "detector", "abnormal_threshold": 1.0, "ensemble_gates_detector": True},
+        "none": {"gradcam_boxes": False},
+    }.items():
+        pipeline = CXRPipeline(_settings(models_dir, **changes), RoutingSettings())
+        pipeline.load()
+        runs[name] = pipeline.analyse(study).images
+    assert runs["detector"] and all(i.box_method == "detector:detector" for i in runs["detector"])
+    assert all(i.opacity_map is not None and i.lung_mask is not None for i in runs["detector"])
+    # abnormal_threshold 1.0: nothing is abnormal, so the gated detector never runs
+    assert all(i.box_method == "none" and i.opacity_map is None for i in runs["gated"])
+    assert all(i.box_method == "none" and not i.boxes for i in runs["none"])
+    assert all(i.lung_mask is not None for i in runs["none"])
