@@ -45,6 +45,7 @@ from dicomnode.inference.detector import (
 )
 from dicomnode.inference.ensemble import classifier_input, combine, predict_members
 from dicomnode.inference.gradcam import GradCAM
+from dicomnode.inference.predict import Predictor
 from dicomnode.inference.lung import lung_crop, lung_masks
 from dicomnode.inference.registry import (
     ModelSpec,
@@ -103,6 +104,7 @@ class CXRPipeline:
         self.version = "1"
         self.specs: dict[str, ModelSpec] = {}
         self.models: dict[str, Any] = {}
+        self.predictors: dict[str, Predictor] = {}
         self.gradcam: GradCAM | None = None
         self.weights: list[float] | None = None
         self.box_settings = BoxSettings()
@@ -131,6 +133,7 @@ class CXRPipeline:
             names.append(s.detector)
         for name in names:
             self.models[name] = load_model(self._spec(name))
+            self.predictors[name] = Predictor(self.models[name])
         if s.detector:
             try:
                 self.box_settings = BoxSettings.from_table(self.specs[s.detector].postprocess)
@@ -169,7 +172,8 @@ class CXRPipeline:
         log.info("cxr pipeline ready on %s: %s", self.device, ", ".join(names))
 
     def _warm_up(self) -> None:
-        """One prediction per model, so the first study does not pay for graph building."""
+        """One prediction per model (its one trace, valid for every batch size), so the
+        first study does not pay for graph building."""
         for name, model in self.models.items():
             spec = self.specs[name]
             shape: tuple[int, ...]
@@ -177,7 +181,7 @@ class CXRPipeline:
                 shape = (1, model.input_shape[-1])
             else:
                 shape = (1, *spec.input_size, spec.channels)
-            model.predict(np.zeros(shape, np.float32), verbose=0)
+            self.predictors[name](np.zeros(shape, np.float32))
 
     def models_used(self) -> list[ModelUsed]:
         return [
@@ -225,7 +229,7 @@ class CXRPipeline:
 
     def _predict(self, name: str, batch: np.ndarray) -> np.ndarray:
         with self._model_lock:
-            return np.asarray(self.models[name].predict(batch, verbose=0))
+            return self.predictors[name](batch)
 
     def _analyse_batch(
         self, batch: Sequence[tuple[InstanceInput, Image8]], timer: _Timer

@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> None:
@@ -47,11 +49,13 @@ def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> N
             assert run.returncode == 0
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                if node.status()["deliveries"]["delivered"] == 2:
+                deliveries = node.status()["deliveries"]
+                if deliveries["delivered"] >= 3 and not deliveries["pending"]:
                     break
                 time.sleep(0.5)
             status = node.status()
-            assert status["deliveries"]["delivered"] == 2, status["undelivered"]
+            # SR, SC, SEG, and the GSPS when the detector found boxes
+            assert status["deliveries"]["delivered"] in (3, 4), status["undelivered"]
             [study] = node.studies().values()
             assert study["state"] == "done"
         # Orthanc holds the source, the SR and the SC, all in one study.
@@ -65,6 +69,9 @@ def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> N
                 continue  # the source itself (sent by the test: the node does not forward it)
             by_class.setdefault(tags["SOPClassUID"], []).append(inst["ID"])
         assert len(by_class[SR_CLASS]) == 1 and len(by_class[SC_CLASS]) == 1
+        assert len(by_class[SEG_CLASS]) == 1 and len(by_class.get(GSPS_CLASS, [])) <= 1
+        for extra in by_class[SEG_CLASS] + by_class.get(GSPS_CLASS, []):
+            assert dciodvfy(orthanc.download(extra, tmp_path / f"{extra}.dcm"))[0] == []
         sr_path = orthanc.download(by_class[SR_CLASS][0], tmp_path / "sr.dcm")
         sc_path = orthanc.download(by_class[SC_CLASS][0], tmp_path / "sc.dcm")
         assert dciodvfy(sr_path)[0] == []
@@ -180,8 +187,9 @@ def test_every_shared_chest_file_comes_back_with_its_findings(tmp_path: Path) ->
             tags = [orthanc.get(f"/instances/{o['ID']}/simplified-tags") for o in objects]
             srs = [t for t, o in zip(tags, objects, strict=True) if t["SOPClassUID"] == SR_CLASS]
             scs = [t for t in tags if t["SOPClassUID"] == SC_CLASS]
+            segs = [t for t in tags if t["SOPClassUID"] == SEG_CLASS]
             images = summaries[uid]["images"]
-            assert len(srs) == 1 and len(scs) == len(images)
+            assert len(srs) == 1 and len(scs) == len(images) == len(segs)
             for o, t in zip(objects, tags, strict=True):  # every object the node produced
                 path = orthanc.download(o["ID"], tmp_path / f"{t['SOPInstanceUID']}.dcm")
                 assert dciodvfy(path)[0] == [], t["SOPClassUID"]
