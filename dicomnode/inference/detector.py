@@ -3,11 +3,10 @@ predict (the detector's probability map), post-process (boxes inside the lungs).
 
 Post-processing (seeds 002/003, with the authors' advice): the detector's map resized
 to the source image, its image-level score (mean of the ``top_k`` highest map values)
-as the classifier gate (no boxes below ``gate``), the map thresholded, connected
-components kept when at least ``lung_overlap`` of their pixels lie in the lungs
-(the lung mask widened by ``lung_margin`` of the image width, since a lung U-Net tends
-to leave dense consolidation out), one box per component with confidence = mean
-probability in the box, boxes smaller than ``min_area`` (a share of the image) dropped,
+as the classifier gate (no boxes below ``gate``), the map thresholded and kept inside
+the lungs (the lung mask widened by ``lung_margin`` of the image width, since a lung
+U-Net tends to leave dense consolidation out), one box per connected component with
+confidence = mean probability in the box, boxes smaller than ``min_area`` (a share of the image) dropped,
 overlapping boxes merged into their union, at most ``max_boxes`` by confidence.
 
 Without a detector model the boxes come from the thresholded Grad-CAM heat map
@@ -36,7 +35,6 @@ class BoxSettings:
     top_k: int = 8
     min_area: float = 0.005
     max_boxes: int = 3
-    lung_overlap: float = 0.5
     lung_margin: float = 0.05
 
     @classmethod
@@ -139,20 +137,15 @@ def boxes_in_lungs(
     if gated and image_score(probability, settings.top_k) < settings.gate:
         return []
     rows, columns = probability.shape
-    region = widen(lungs, settings.lung_margin)
-    binary = (probability >= settings.threshold).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    binary = (probability >= settings.threshold) & widen(lungs, settings.lung_margin)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
     floor = settings.min_area * rows * columns
     boxes = []
     for label in range(1, count):
-        x, y, w, h, area = (int(v) for v in stats[label])
+        x, y, w, h = (int(v) for v in stats[label, :4])
         if w * h < floor:
             continue
-        inside = np.count_nonzero(region[y : y + h, x : x + w] & (labels[y : y + h, x : x + w] == label))
-        if inside < settings.lung_overlap * area:
-            continue
-        box = Box(x, y, w, h)
-        boxes.append(Box(x, y, w, h, _confidence(probability, box)))
+        boxes.append(Box(x, y, w, h, _confidence(probability, Box(x, y, w, h))))
     return merge_overlapping(boxes, probability)[: settings.max_boxes]
 
 

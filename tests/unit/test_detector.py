@@ -75,15 +75,20 @@ def test_overlapping_boxes_merge_into_their_union() -> None:
     assert [b.confidence for b in merged] == pytest.approx([0.7, 0.5])
 
 
-def test_lung_gating_keeps_components_mostly_inside_the_lungs() -> None:
+def test_lung_gating_keeps_boxes_inside_the_lungs() -> None:
     lungs = np.zeros((200, 200), bool)
     lungs[20:180, 20:90] = True
     prob = _blobs((30, 40, 30, 30, 0.9), (140, 40, 30, 30, 0.9), (80, 100, 30, 30, 0.9))
     kept = boxes_in_lungs(prob, lungs, OPEN)
-    # inside: kept; right of the lung: dropped; a third inside (< lung_overlap 0.5): dropped
-    assert [(b.x, b.y) for b in kept] == [(30, 40)]
+    # inside: whole; right of the lung: dropped; straddling the edge: cut at the lung
+    assert sorted((b.x, b.y, b.width, b.height) for b in kept) == [(30, 40, 30, 30), (80, 100, 10, 30)]
     widened = boxes_in_lungs(prob, lungs, OPEN.with_(lung_margin=0.1))  # 20 px wider
-    assert sorted((b.x, b.y) for b in widened) == [(30, 40), (80, 100)]
+    assert sorted((b.x, b.y, b.width, b.height) for b in widened) == [
+        (30, 40, 30, 30), (80, 100, 30, 30)
+    ]
+    # a map high everywhere gives one box no larger than the (widened) lungs
+    [whole] = boxes_in_lungs(np.full((200, 200), 0.9, np.float32), lungs, OPEN)
+    assert (whole.x, whole.y, whole.width, whole.height) == (20, 20, 70, 160)
 
 
 def test_gate_and_at_most_n_boxes() -> None:

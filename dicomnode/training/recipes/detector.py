@@ -74,11 +74,20 @@ TOP_K = 8
 _NIH_INDEX = re.compile(r"^(\d{8})_\d{3}$")
 #: The post-processing grid searched on the validation patients.
 GRID: dict[str, Sequence[Any]] = {
-    "threshold": (0.3, 0.4, 0.5, 0.6),
-    "gate": (0.3, 0.4, 0.5, 0.6, 0.7),
-    "min_area": (0.005, 0.01, 0.02),
+    "threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "gate": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "min_area": (0.005, 0.01, 0.02, 0.04),
     "max_boxes": (1, 2, 3),
 }
+#: The smaller grid searched after every epoch (the validation score of the epoch).
+EPOCH_GRID: dict[str, Sequence[Any]] = {
+    "threshold": (0.4, 0.5, 0.6),
+    "gate": (0.5, 0.7, 0.9),
+    "min_area": (0.01,),
+    "max_boxes": (1, 2),
+}
+#: The epoch's validation score: RSNA score (best of EPOCH_GRID) + this x image AUC.
+AUC_SHARE = 0.25
 
 
 @dataclass
@@ -295,16 +304,18 @@ def choose_postprocess(
     lungs: Sequence[np.ndarray],
     cases: Sequence[DetectorCase],
     shapes: Sequence[tuple[int, int]],
+    grid: dict[str, Sequence[Any]] | None = None,
 ) -> tuple[Any, float]:
-    """The :data:`GRID` settings with the best RSNA score on these (validation) images
-    that have box labels (weak positives have no box truth)."""
+    """The ``grid`` (default :data:`GRID`) settings with the best RSNA score on these
+    (validation) images that have box labels (weak positives have no box truth)."""
+    grid = grid or GRID
     from dicomnode.inference.detector import BoxSettings
     from dicomnode.training.box_metrics import ImageBoxes, rsna_score
 
     keep = [i for i, c in enumerate(cases) if not c.weak]
     best: tuple[float, Any] = (-1.0, BoxSettings())
-    keys = list(GRID)
-    for values in itertools.product(*(GRID[k] for k in keys)):
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
         settings = BoxSettings(top_k=TOP_K, **dict(zip(keys, values, strict=True)))
         preds = predictions(
             [maps[i] for i in keep], [lungs[i] for i in keep], [shapes[i] for i in keep],
@@ -344,6 +355,7 @@ def measure(model_dir: Path, cases: list[DetectorCase], splits: list[str]) -> di
     boxed = [i for i, c in enumerate(test) if not c.weak]
     images = [bm.ImageBoxes(c.boxes, p) for c, p in zip(test, preds, strict=True)]
     top = np.array([max((c for _, c in p), default=0.0) for p in preds])
+    top_ungated = np.array([max((c for _, c in p), default=0.0) for p in ungated])
     scores = np.array([image_score(mp, settings.top_k) for mp in maps])
 
     def rsna(idx: np.ndarray) -> float:
@@ -358,6 +370,7 @@ def measure(model_dir: Path, cases: list[DetectorCase], splits: list[str]) -> di
     statistics = {
         "rsna_score": rsna,
         "image_auc": lambda idx: m.roc_auc(labels[idx], top[idx]),
+        "image_auc_ungated": lambda idx: m.roc_auc(labels[idx], top_ungated[idx]),
         "image_auc_score": lambda idx: m.roc_auc(labels[idx], scores[idx]),
         "box_sensitivity_iou40": sens,
         "false_boxes_per_negative": fpn,
@@ -459,7 +472,9 @@ def evaluate_detector(
     rows = [
         ["RSNA challenge score (IoU 0.40-0.75)", _fmt(result, "rsna_score")],
         ["image-level ROC AUC (highest box confidence, 0 without a box)", _fmt(result, "image_auc")],
-        ["image-level ROC AUC (ungated image score)", _fmt(result, "image_auc_score")],
+        ["image-level ROC AUC (highest box confidence without the gate)",
+         _fmt(result, "image_auc_ungated")],
+        ["image-level ROC AUC (the gate's image score)", _fmt(result, "image_auc_score")],
         ["box sensitivity at IoU 0.4", _fmt(result, "box_sensitivity_iou40")],
         ["false boxes per negative image", _fmt(result, "false_boxes_per_negative")],
         ["images scored by the RSNA score", result["rsna_images_scored"]],
@@ -655,18 +670,11 @@ def train(args: argparse.Namespace) -> Path:
         return predict(model, [features[k][val_idx].astype(np.float32) for k in range(3)])[..., 0]
 
     def validate(model: Any) -> dict[str, float]:
-        from dicomnode.inference.detector import BoxSettings
-
         maps = val_maps(model)
         labels_v = np.array([c.label for c in val_cases])
         auc = m.roc_auc(labels_v, np.array([image_score(p, TOP_K) for p in maps]))
-        keep = [i for i, c in enumerate(val_cases) if not c.weak]
-        preds = predictions(
-            [maps[i] for i in keep], [val_lungs[i] for i in keep], [val_shapes[i] for i in keep],
-            BoxSettings(top_k=TOP_K), work=128,
-        )
-        score = rsna_score([ImageBoxes(val_cases[i].boxes, p) for i, p in zip(keep, preds, strict=True)])
-        return {"val_auc": auc, "val_rsna": score, "val_score": auc + score}
+        _, score = choose_postprocess(maps, val_lungs, val_cases, val_shapes, EPOCH_GRID)
+        return {"val_auc": auc, "val_rsna": score, "val_score": score + AUC_SHARE * auc}
 
     builder = {"input_size": size, "channels": args.channels}
 
@@ -692,6 +700,7 @@ def train(args: argparse.Namespace) -> Path:
     training = {
         **result.record("detector", args.seed, SALT, "score"),
         "train_loss_by_epoch": [round(h["loss"], 6) for h in result.history],
+        "validation_score": f"RSNA score (best of {EPOCH_GRID}) + {AUC_SHARE} x image AUC",
         "val_auc_by_epoch": [round(h["val_auc"], 4) for h in result.history],
         "val_rsna_by_epoch": [round(h["val_rsna"], 4) for h in result.history],
         "val_rsna_chosen_postprocess": round(val_rsna, 4),
