@@ -185,6 +185,7 @@ def shipped(args: argparse.Namespace) -> int:
         pipeline = CXRPipeline(cxr, RoutingSettings())
         pipeline.load()
         if label.startswith("baseline"):
+
             def old_predict(name: str, batch, p=pipeline):  # type: ignore[no-untyped-def]
                 with p._model_lock:
                     return p.models[name].predict(batch, verbose=0)

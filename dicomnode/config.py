@@ -766,9 +766,7 @@ def _parse_cxr(root: _Reader, base_dir: Path) -> CXRSettings:
         normal_class=r.get("normal_class", str, d.normal_class),
         abnormal_threshold=r.number("abnormal_threshold", float, d.abnormal_threshold, 0, 1),
         gradcam_boxes=r.get("gradcam_boxes", bool, d.gradcam_boxes),
-        ensemble_gates_detector=r.get(
-            "ensemble_gates_detector", bool, d.ensemble_gates_detector
-        ),
+        ensemble_gates_detector=r.get("ensemble_gates_detector", bool, d.ensemble_gates_detector),
         gradcam_box_threshold=r.number(
             "gradcam_box_threshold", float, d.gradcam_box_threshold, 0, 1
         ),

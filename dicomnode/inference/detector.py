@@ -6,8 +6,9 @@ to the source image, its image-level score (mean of the ``top_k`` highest map va
 as the classifier gate (no boxes below ``gate``), the map thresholded and kept inside
 the lungs (the lung mask widened by ``lung_margin`` of the image width, since a lung
 U-Net tends to leave dense consolidation out), one box per connected component with
-confidence = mean probability in the box, boxes smaller than ``min_area`` (a share of the image) dropped,
-overlapping boxes merged into their union, at most ``max_boxes`` by confidence.
+confidence = mean probability in the box, boxes smaller than ``min_area`` (a share of
+the image) dropped, overlapping boxes merged into their union, at most ``max_boxes`` by
+confidence.
 
 Without a detector model the boxes come from the thresholded Grad-CAM heat map
 (:func:`boxes_from_heatmap`); the result says which method made them.
@@ -44,7 +45,9 @@ class BoxSettings:
         unknown = sorted(set(table) - set(known))
         if unknown:
             raise ValueError(f"[postprocess] has unknown keys {unknown}; known: {sorted(known)}")
-        values = {k: (int(v) if k in ("top_k", "max_boxes") else float(v)) for k, v in table.items()}
+        values = {
+            k: (int(v) if k in ("top_k", "max_boxes") else float(v)) for k, v in table.items()
+        }
         return cls(**values)  # type: ignore[arg-type]
 
     def as_table(self) -> dict[str, float | int]:
@@ -82,7 +85,7 @@ def image_score(probability: np.ndarray, top_k: int = 8) -> float:
 
 def widen(lungs: np.ndarray, margin: float) -> np.ndarray:
     """The lung mask dilated by ``margin`` of its width (a square kernel)."""
-    radius = int(round(margin * lungs.shape[1]))
+    radius = round(margin * lungs.shape[1])
     if radius <= 0:
         return lungs.astype(bool)
     kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
@@ -96,10 +99,9 @@ def _union(a: Box, b: Box) -> Box:
 
 
 def _overlap(a: Box, b: Box) -> bool:
-    return (
-        min(a.x + a.width, b.x + b.width) > max(a.x, b.x)
-        and min(a.y + a.height, b.y + b.height) > max(a.y, b.y)
-    )
+    return min(a.x + a.width, b.x + b.width) > max(a.x, b.x) and min(
+        a.y + a.height, b.y + b.height
+    ) > max(a.y, b.y)
 
 
 def _confidence(probability: np.ndarray, box: Box) -> float:
@@ -119,8 +121,9 @@ def merge_overlapping(boxes: Sequence[Box], probability: np.ndarray) -> list[Box
             for j in range(i + 1, len(merged)):
                 if _overlap(merged[i], merged[j]):
                     union = _union(merged[i], merged[j])
-                    union = Box(union.x, union.y, union.width, union.height,
-                                _confidence(probability, union))
+                    union = Box(
+                        union.x, union.y, union.width, union.height, _confidence(probability, union)
+                    )
                     merged = [b for k, b in enumerate(merged) if k not in (i, j)] + [union]
                     changed = True
                     break

@@ -45,8 +45,8 @@ from dicomnode.inference.detector import (
 )
 from dicomnode.inference.ensemble import classifier_input, combine, predict_members
 from dicomnode.inference.gradcam import GradCAM
-from dicomnode.inference.predict import Predictor
 from dicomnode.inference.lung import lung_crop, lung_masks
+from dicomnode.inference.predict import Predictor
 from dicomnode.inference.registry import (
     ModelSpec,
     configure_devices,

@@ -20,11 +20,11 @@ import numpy as np
 from highdicom import AlgorithmIdentificationSequence
 from highdicom.seg import (
     SegmentAlgorithmTypeValues,
+    Segmentation,
     SegmentationFractionalTypeValues,
     SegmentationTypeValues,
     SegmentDescription,
 )
-from highdicom.seg import Segmentation
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian

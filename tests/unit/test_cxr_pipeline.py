@@ -165,7 +165,11 @@ def test_detector_gates_and_grad_cam_boxes_only_when_configured(models_dir: Path
     runs = {}
     for name, changes in {
         "detector": {"detector": "detector", "abnormal_threshold": 1.0},
-        "gated": {"detector": "detector", "abnormal_threshold": 1.0, "ensemble_gates_detector": True},
+        "gated": {
+            "detector": "detector",
+            "abnormal_threshold": 1.0,
+            "ensemble_gates_detector": True,
+        },
         "none": {"gradcam_boxes": False},
     }.items():
         pipeline = CXRPipeline(_settings(models_dir, **changes), RoutingSettings())

@@ -81,10 +81,14 @@ def test_lung_gating_keeps_boxes_inside_the_lungs() -> None:
     prob = _blobs((30, 40, 30, 30, 0.9), (140, 40, 30, 30, 0.9), (80, 100, 30, 30, 0.9))
     kept = boxes_in_lungs(prob, lungs, OPEN)
     # inside: whole; right of the lung: dropped; straddling the edge: cut at the lung
-    assert sorted((b.x, b.y, b.width, b.height) for b in kept) == [(30, 40, 30, 30), (80, 100, 10, 30)]
+    assert sorted((b.x, b.y, b.width, b.height) for b in kept) == [
+        (30, 40, 30, 30),
+        (80, 100, 10, 30),
+    ]
     widened = boxes_in_lungs(prob, lungs, OPEN.with_(lung_margin=0.1))  # 20 px wider
     assert sorted((b.x, b.y, b.width, b.height) for b in widened) == [
-        (30, 40, 30, 30), (80, 100, 30, 30)
+        (30, 40, 30, 30),
+        (80, 100, 30, 30),
     ]
     # a map high everywhere gives one box no larger than the (widened) lungs
     [whole] = boxes_in_lungs(np.full((200, 200), 0.9, np.float32), lungs, OPEN)
@@ -154,7 +158,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run(
         [sys.executable, "-m", "dicomnode.cli", *args],
-        capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=REPO,
     )
 
 
@@ -175,7 +183,9 @@ def test_trainer_on_a_small_real_subset(tmp_path: Path) -> None:
 
     boxed = read_labels(BOXES / "labels_rsna_format.csv", BOXES / "images")
     assert len(boxed) == 150 and sum(bool(c.boxes) for c in boxed) == 100
-    weak = read_image_labels(DATA / "cxr_multisource" / "labels.csv", "normal", "pneumonia", "nih_cxr14")
+    weak = read_image_labels(
+        DATA / "cxr_multisource" / "labels.csv", "normal", "pneumonia", "nih_cxr14"
+    )
     cases = combine_cases(boxed, weak)
     assert len(cases) < len(boxed) + len(weak)  # an image in both sources counts once
     splits = assign_splits(cases)
@@ -184,9 +194,24 @@ def test_trainer_on_a_small_real_subset(tmp_path: Path) -> None:
 
     out = tmp_path / "det"
     args = [
-        "train", "detector", "--limit", "90", "--input-size", "128", "--channels", "16",
-        "--epochs", "2", "--batch-size", "16", "--pretrained", str(PRETRAINED),
-        "--out", str(out), "--checkpoint-dir", str(tmp_path / "ckpt"),
+        "train",
+        "detector",
+        "--limit",
+        "90",
+        "--input-size",
+        "128",
+        "--channels",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--pretrained",
+        str(PRETRAINED),
+        "--out",
+        str(out),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
     ]
     done = _cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]

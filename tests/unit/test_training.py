@@ -467,4 +467,7 @@ def test_detector_reads_any_rsna_format_folder(tmp_path: Path) -> None:
         k: tuple(float(v) for v in b) for k, b in boxes.items()
     }
     tdata.assert_group_disjoint([c.group for c in cases], assign_splits(cases))
-    assert patient_of("00000150_002") == "00000150" and patient_of("0004-synthetic") == "0004-synthetic"
+    assert (
+        patient_of("00000150_002") == "00000150"
+        and patient_of("0004-synthetic") == "0004-synthetic"
+    )

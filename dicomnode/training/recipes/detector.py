@@ -294,7 +294,10 @@ def predictions(
         )
         sx, sy = cols / w, rows / h
         out.append(
-            [((b.x * sx, b.y * sy, b.width * sx, b.height * sy), float(b.confidence or 0.0)) for b in boxes]
+            [
+                ((b.x * sx, b.y * sy, b.width * sx, b.height * sy), float(b.confidence or 0.0))
+                for b in boxes
+            ]
         )
     return out
 
@@ -318,8 +321,11 @@ def choose_postprocess(
     for values in itertools.product(*(grid[k] for k in keys)):
         settings = BoxSettings(top_k=TOP_K, **dict(zip(keys, values, strict=True)))
         preds = predictions(
-            [maps[i] for i in keep], [lungs[i] for i in keep], [shapes[i] for i in keep],
-            settings, work=128,
+            [maps[i] for i in keep],
+            [lungs[i] for i in keep],
+            [shapes[i] for i in keep],
+            settings,
+            work=128,
         )
         score = rsna_score(
             [ImageBoxes(cases[i].boxes, p) for i, p in zip(keep, preds, strict=True)]
@@ -382,10 +388,11 @@ def measure(model_dir: Path, cases: list[DetectorCase], splits: list[str]) -> di
         values = np.array([fn(idx) for idx in resamples], np.float64)
         values = values[~np.isnan(values)]
         result[key] = float(fn(everyone))
-        result[f"{key}_ci95"] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-    result["rsna_images_scored"] = sum(
-        bm.rsna_image_score(images[i]) is not None for i in boxed
-    )
+        result[f"{key}_ci95"] = [
+            float(np.percentile(values, 2.5)),
+            float(np.percentile(values, 97.5)),
+        ]
+    result["rsna_images_scored"] = sum(bm.rsna_image_score(images[i]) is not None for i in boxed)
     result["n"] = len(test)
     result["n_with_boxes"] = sum(bool(c.boxes) for c in test)
     result["n_weak_positive"] = sum(c.weak for c in test)
@@ -443,7 +450,9 @@ def plot_examples(
         for (x, y, w, h), conf in preds[i]:
             ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color="red", lw=1.5))
             ax.text(x, y, f"{conf:.2f}", color="red", fontsize=7, va="bottom")
-        ax.set_title(f"{test[i].patient_id} ({'opacity' if test[i].boxes else 'negative'})", fontsize=8)
+        ax.set_title(
+            f"{test[i].patient_id} ({'opacity' if test[i].boxes else 'negative'})", fontsize=8
+        )
     return _save(plt, fig, path)
 
 
@@ -453,7 +462,10 @@ def _fmt(result: dict[str, Any], key: str) -> str:
 
 
 def evaluate_detector(
-    model_dir: Path, cases: list[DetectorCase], splits: list[str], training: dict[str, Any],
+    model_dir: Path,
+    cases: list[DetectorCase],
+    splits: list[str],
+    training: dict[str, Any],
     sources: dict[str, str],
 ) -> dict[str, Any]:
     """Measure on the test patients; write the card, ``metrics.json``, FROC and sheet."""
@@ -466,20 +478,30 @@ def evaluate_detector(
     measured = measure(model_dir, cases, splits)
     result = measured["metrics"]
     plot_froc(*measured["froc"], model_dir / "froc.png")
-    plot_examples(measured["test"], measured["greys"], measured["preds"], model_dir / "examples.png")
+    plot_examples(
+        measured["test"], measured["greys"], measured["preds"], model_dir / "examples.png"
+    )
     goal_rsna = result["rsna_score"] >= 0.25
     goal_auc = result["image_auc"] >= 0.80
     rows = [
         ["RSNA challenge score (IoU 0.40-0.75)", _fmt(result, "rsna_score")],
-        ["image-level ROC AUC (highest box confidence, 0 without a box)", _fmt(result, "image_auc")],
-        ["image-level ROC AUC (highest box confidence without the gate)",
-         _fmt(result, "image_auc_ungated")],
+        [
+            "image-level ROC AUC (highest box confidence, 0 without a box)",
+            _fmt(result, "image_auc"),
+        ],
+        [
+            "image-level ROC AUC (highest box confidence without the gate)",
+            _fmt(result, "image_auc_ungated"),
+        ],
         ["image-level ROC AUC (the gate's image score)", _fmt(result, "image_auc_score")],
         ["box sensitivity at IoU 0.4", _fmt(result, "box_sensitivity_iou40")],
         ["false boxes per negative image", _fmt(result, "false_boxes_per_negative")],
         ["images scored by the RSNA score", result["rsna_images_scored"]],
-        ["test images (with boxes / weak positive / negative)",
-         f"{result['n']} ({result['n_with_boxes']} / {result['n_weak_positive']} / {result['n_negative']})"],
+        [
+            "test images (with boxes / weak positive / negative)",
+            f"{result['n']} ({result['n_with_boxes']} / {result['n_weak_positive']} / "
+            f"{result['n_negative']})",
+        ],
         ["true boxes", result["true_boxes"]],
     ]
     goals = [
@@ -532,15 +554,19 @@ def evaluate_detector(
         tables=[
             ("Goals of issue 22", markdown_table(["goal", "result"], goals)),
             ("Boxes and images on the test patients", markdown_table(["metric", "value"], rows)),
-            ("Post-processing (manifest [postprocess])",
-             markdown_table(["key", "value"], list(result["postprocess"].items()))),
+            (
+                "Post-processing (manifest [postprocess])",
+                markdown_table(["key", "value"], list(result["postprocess"].items())),
+            ),
         ],
         plots=[
             ("FROC on the test patients", "froc.png"),
             ("Test images: true boxes green, predicted red with confidence", "examples.png"),
         ],
-        commands=[training.get("command", "python3 -m dicomnode.cli train detector"),
-                  f"python3 -m dicomnode.cli evaluate models/{NAME}"],
+        commands=[
+            training.get("command", "python3 -m dicomnode.cli train detector"),
+            f"python3 -m dicomnode.cli evaluate models/{NAME}",
+        ],
         limitations=[
             "Few boxes: about 60 training images with Pneumonia boxes; intervals are wide.",
             "The RSNA score counts only images with box labels (weak positives have no "
@@ -579,8 +605,9 @@ def encode_all(encoder: Any, images: np.ndarray, folder: Path, progress: bool) -
                 return [data[f"f{k}"] for k in range(6)]
     parts: list[list[np.ndarray]] = [[] for _ in range(6)]
     step = 32
-    for start in tqdm(range(0, len(images), step), desc="encoder features", unit="batch",
-                      disable=not progress):
+    for start in tqdm(
+        range(0, len(images), step), desc="encoder features", unit="batch", disable=not progress
+    ):
         x = images[start : start + step].astype(np.float32)[..., None] / 255.0
         for flip, batch in enumerate((x, x[:, :, ::-1])):
             outs = encoder.predict(batch, verbose=0)
@@ -602,7 +629,6 @@ def train(args: argparse.Namespace) -> Path:
     from dicomnode.inference.detector import image_score
     from dicomnode.nets.detector import mobilenet_v2_encoder, opacity_decoder, opacity_mobilenet
     from dicomnode.training import metrics as m
-    from dicomnode.training.box_metrics import ImageBoxes, rsna_score
     from dicomnode.training.export import export_model
     from dicomnode.training.loop import FitSettings, fit, predict
 
@@ -635,10 +661,14 @@ def train(args: argparse.Namespace) -> Path:
             f"{len(cases)} labelled images are too few for a train and a validation split"
         )
     progress = not args.no_progress
-    loaded = [load_case(c, size) for c in tqdm(cases, desc="images", unit="image", disable=not progress)]
+    loaded = [
+        load_case(c, size) for c in tqdm(cases, desc="images", unit="image", disable=not progress)
+    ]
     images = np.stack([g for g, _, _ in loaded])
     shapes = [s for _, _, s in loaded]
-    targets = np.stack([targets_at(mk, c, out_size) for (_, mk, _), c in zip(loaded, cases, strict=True)])
+    targets = np.stack(
+        [targets_at(mk, c, out_size) for (_, mk, _), c in zip(loaded, cases, strict=True)]
+    )
     pretrained = Path(args.pretrained) if args.pretrained else None
     if pretrained is not None and not pretrained.is_dir():
         raise TrainingError(f"pretrained weights folder not found: {str(pretrained)!r}")
@@ -659,8 +689,9 @@ def train(args: argparse.Namespace) -> Path:
             chosen = train_idx[batch]
             flip = rng.random(len(chosen)) < 0.5  # seed 003: horizontal flip half the time
             xs = [
-                np.where(flip[:, None, None, None], features[3 + k][chosen], features[k][chosen])
-                .astype(np.float32)
+                np.where(
+                    flip[:, None, None, None], features[3 + k][chosen], features[k][chosen]
+                ).astype(np.float32)
                 for k in range(3)
             ]
             ys = np.where(flip[:, None, None, None], flipped_targets[chosen], targets[chosen])
@@ -689,13 +720,23 @@ def train(args: argparse.Namespace) -> Path:
         epochs=epochs,
         steps_per_epoch=steps,
         monitor="val_score",
-        fingerprint={"target": "detector", "builder": builder, "lr": args.lr, "batch": batch_size,
-                     "images": len(cases), "pretrained": bool(pretrained)},
+        fingerprint={
+            "target": "detector",
+            "builder": builder,
+            "lr": args.lr,
+            "batch": batch_size,
+            "images": len(cases),
+            "pretrained": bool(pretrained),
+        },
     )
-    result = fit(build, train_batches, validate, settings,
-                 custom_objects={"detector_loss": detector_loss})
+    result = fit(
+        build, train_batches, validate, settings, custom_objects={"detector_loss": detector_loss}
+    )
     chosen, val_rsna = choose_postprocess(val_maps(result.model), val_lungs, val_cases, val_shapes)
-    print(f"post-processing chosen on validation (RSNA {val_rsna:.4f}): {chosen.as_table()}", flush=True)
+    print(
+        f"post-processing chosen on validation (RSNA {val_rsna:.4f}): {chosen.as_table()}",
+        flush=True,
+    )
     full = opacity_mobilenet(size, args.channels, encoder=encoder, decoder=result.model)
     training = {
         **result.record("detector", args.seed, SALT, "score"),
@@ -757,23 +798,35 @@ def evaluate(model_dir: Path, data_dir: Path) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dicomnode train detector``."""
     parser.add_argument(
-        "--labels", type=Path, default=None, metavar="CSV",
+        "--labels",
+        type=Path,
+        default=None,
+        metavar="CSV",
         help="RSNA-format labels (patientId,x,y,width,height,Target); default: "
         f"{BOX_DATA / 'labels_rsna_format.csv'}",
     )
     parser.add_argument(
-        "--images", type=Path, default=None, metavar="DIR",
+        "--images",
+        type=Path,
+        default=None,
+        metavar="DIR",
         help=f"folder of <patientId>.dcm|.png|.jpg images; default: {BOX_DATA / 'images'}",
     )
     parser.add_argument(
-        "--image-labels", type=Path, default=None, metavar="CSV",
+        "--image-labels",
+        type=Path,
+        default=None,
+        metavar="CSV",
         help=f"image-level labels (path,label[,patient_id][,source]), e.g. {IMAGE_LABELS}",
     )
     parser.add_argument("--image-source", default=None, help="use only rows of this source")
     parser.add_argument("--negative-label", default="normal")
     parser.add_argument("--positive-label", default="pneumonia")
     parser.add_argument(
-        "--pretrained", type=Path, default=None, metavar="DIR",
+        "--pretrained",
+        type=Path,
+        default=None,
+        metavar="DIR",
         help=f"MobileNetV2 ImageNet .npy folder, e.g. {PRETRAINED} (default: random encoder)",
     )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images")
