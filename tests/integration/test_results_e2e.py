@@ -205,7 +205,7 @@ def test_every_shared_chest_file_comes_back_with_its_findings(tmp_path: Path) ->
 REPO = Path(__file__).resolve().parents[2]
 NIH_BOXES = REPO.parent / "shared" / "data" / "cxr_opacity_boxes" / "nih_cxr14_bbox"
 #: A held-out (test split) NIH radiograph with a radiologist's Pneumonia box.
-NIH_PNEUMONIA = "00010815_006"
+NIH_PNEUMONIA = "00005567_000"
 
 
 def _cr_from_png(png: Path, folder: Path) -> Path:

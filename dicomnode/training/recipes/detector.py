@@ -74,8 +74,8 @@ TOP_K = 8
 _NIH_INDEX = re.compile(r"^(\d{8})_\d{3}$")
 #: The post-processing grid searched on the validation patients.
 GRID: dict[str, Sequence[Any]] = {
-    "threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
-    "gate": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "threshold": (0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6),
+    "gate": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     "min_area": (0.005, 0.01, 0.02, 0.04),
     "max_boxes": (1, 2, 3),
 }
@@ -561,7 +561,11 @@ def evaluate_detector(
         ],
         plots=[
             ("FROC on the test patients", "froc.png"),
-            ("Test images: true boxes green, predicted red with confidence", "examples.png"),
+            (
+                "Test images: true boxes green, predicted red with confidence (written by "
+                "`dicomnode evaluate`; not committed, it shows the NIH images)",
+                "examples.png",
+            ),
         ],
         commands=[
             training.get("command", "python3 -m dicomnode.cli train detector"),
