@@ -16,6 +16,20 @@ from typing import Any
 import numpy as np
 
 
+class _ModelCall:
+    """The model called in inference mode. A callable object, not a closure: TensorFlow
+    keeps its "frequent retracing" statistics per function code, so closures over the
+    node's six models would share one count and their six warm-up traces would be
+    reported as retracing."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.single = len(model.inputs) == 1
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.model(inputs[0] if self.single else list(inputs), training=False)
+
+
 class Predictor:
     """``predictor(x)``: the model's outputs for the batch ``x`` as float32 numpy."""
 
@@ -31,12 +45,7 @@ class Predictor:
             signature = [
                 tf.TensorSpec((None, *tuple(i.shape)[1:]), tf.float32) for i in model.inputs
             ]
-            single = len(signature) == 1
-
-            def call(*inputs: Any) -> Any:
-                return model(inputs[0] if single else list(inputs), training=False)
-
-            self._fn = tf.function(call, input_signature=signature)
+            self._fn = tf.function(_ModelCall(model), input_signature=signature)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         batch = np.asarray(x, dtype=np.float32)

@@ -185,18 +185,34 @@ def test_detector_gates_and_grad_cam_boxes_only_when_configured(models_dir: Path
 
 def test_models_are_traced_once_for_every_batch_size(models_dir: Path) -> None:
     """Studies of 1, 3 and 5 images (batches 1, 3, 4 + 1) reuse the one trace each model
-    got at warm-up: no per-call re-tracing."""
+    got at warm-up: no per-call re-tracing, and no "retracing" warning at all."""
+    import logging
+
     import keras
 
-    files = dicom_files(shared_data("dicom_cxr"))
-    study = _study(files)
-    pipeline = CXRPipeline(_settings(models_dir, detector="detector"), RoutingSettings())
-    pipeline.load()
-    for n in (1, 3, 5):
-        instances = tuple(
-            replace(study.instances[0], sop_instance_uid=f"1.2.3.{n}.{k}") for k in range(n)
-        )
-        assert len(pipeline.analyse(StudyInput(study.study_instance_uid, instances)).images) == n
+    warnings: list[str] = []
+
+    class Retracing(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retracing" in record.getMessage():
+                warnings.append(record.getMessage())
+
+    handler = Retracing()
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        files = dicom_files(shared_data("dicom_cxr"))
+        study = _study(files)
+        pipeline = CXRPipeline(_settings(models_dir, detector="detector"), RoutingSettings())
+        pipeline.load()
+        for n in (1, 3, 5):
+            instances = tuple(
+                replace(study.instances[0], sop_instance_uid=f"1.2.3.{n}.{k}") for k in range(n)
+            )
+            result = pipeline.analyse(StudyInput(study.study_instance_uid, instances))
+            assert len(result.images) == n
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert warnings == []
     traces = {name: p.traces for name, p in pipeline.predictors.items()}
     if keras.backend.backend() == "tensorflow":
         assert traces and all(t == 1 for t in traces.values()), traces
