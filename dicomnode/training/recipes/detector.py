@@ -37,7 +37,7 @@ import csv
 import itertools
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,7 @@ def assign_splits(items: list[DetectorCase], salt: str = SALT) -> list[str]:
     by_group: dict[str, list[DetectorCase]] = {}
     for c in items:
         by_group.setdefault(c.group, []).append(c)
-    strata = {g: _stratum(cs) for g, cs in by_group.items()}
+    strata: dict[str, Hashable] = {g: _stratum(cs) for g, cs in by_group.items()}
     split_of = tdata.split_groups(strata, salt, FRACTIONS, strata=strata)
     splits = [split_of[c.group] for c in items]
     tdata.assert_group_disjoint([c.group for c in items], splits)
@@ -274,7 +274,7 @@ def lungs_of(images: Sequence[np.ndarray], spec: Any, model: Any) -> list[np.nda
 
 
 def predictions(
-    maps: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray] | np.ndarray,
     lungs: Sequence[np.ndarray],
     shapes: Sequence[tuple[int, int]],
     settings: Any,
@@ -303,7 +303,7 @@ def predictions(
 
 
 def choose_postprocess(
-    maps: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray] | np.ndarray,
     lungs: Sequence[np.ndarray],
     cases: Sequence[DetectorCase],
     shapes: Sequence[tuple[int, int]],
@@ -477,7 +477,8 @@ def evaluate_detector(
     spec = read_manifest(model_dir / MANIFEST_FILE)
     measured = measure(model_dir, cases, splits)
     result = measured["metrics"]
-    plot_froc(*measured["froc"], model_dir / "froc.png")
+    froc_x, froc_y = measured["froc"]
+    plot_froc(froc_x, froc_y, model_dir / "froc.png")
     plot_examples(
         measured["test"], measured["greys"], measured["preds"], model_dir / "examples.png"
     )
@@ -620,7 +621,8 @@ def encode_all(encoder: Any, images: np.ndarray, folder: Path, progress: bool) -
     features = [np.concatenate(p) for p in parts]
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".features.tmp.npz"
-    np.savez(tmp, count=len(images), **{f"f{k}": f for k, f in enumerate(features)})
+    arrays: dict[str, Any] = {f"f{k}": f for k, f in enumerate(features)}
+    np.savez(tmp, count=np.asarray(len(images)), **arrays)
     tmp.replace(cache)
     return features
 
@@ -634,7 +636,7 @@ def train(args: argparse.Namespace) -> Path:
     from dicomnode.nets.detector import mobilenet_v2_encoder, opacity_decoder, opacity_mobilenet
     from dicomnode.training import metrics as m
     from dicomnode.training.export import export_model
-    from dicomnode.training.loop import FitSettings, fit, predict
+    from dicomnode.training.loop import FitSettings, fit
 
     labels = Path(args.labels or BOX_DATA / "labels_rsna_format.csv")
     image_dir = Path(args.images or BOX_DATA / "images")
@@ -687,7 +689,9 @@ def train(args: argparse.Namespace) -> Path:
     val_cases = [cases[i] for i in val_idx]
     val_shapes = [shapes[i] for i in val_idx]
 
-    def train_batches(epoch: int, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    def train_batches(
+        epoch: int, rng: np.random.Generator
+    ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
         del epoch
         for batch in tdata.batches(len(train_idx), batch_size, rng):
             chosen = train_idx[batch]
@@ -702,7 +706,8 @@ def train(args: argparse.Namespace) -> Path:
             yield xs, ys
 
     def val_maps(model: Any) -> np.ndarray:
-        return predict(model, [features[k][val_idx].astype(np.float32) for k in range(3)])[..., 0]
+        inputs = [features[k][val_idx].astype(np.float32) for k in range(3)]
+        return np.asarray(model.predict(inputs, batch_size=16, verbose=0), np.float32)[..., 0]
 
     def validate(model: Any) -> dict[str, float]:
         maps = val_maps(model)
