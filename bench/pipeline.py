@@ -5,6 +5,14 @@ Usage::
 
     python3 bench/pipeline.py             # batch 1 and batch 16
     python3 bench/pipeline.py --quick     # batch 1 and batch 4
+    python3 bench/pipeline.py --shipped   # the models in models/ as config.toml runs them
+
+With ``--shipped`` the pipeline is the default configuration's (``config.toml``: the
+shipped lung U-Net, ensemble members and opacity detector in ``models/``), timed in
+the same run against a baseline: the same models without the detector, called through
+``model.predict`` as before the compiled predictors (branch ``arch``). It also counts
+the "triggered tf.function retracing" warnings during the timed studies. Target: at
+most 1.5 s per image at batch 1 on the 2-core CPU.
 
 Builds the seed architectures at full width with random weights (timing only; these
 are never shipped): the lung U-Net, VGG-16, VGG-19 and Inception-V3 with the seed
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import shutil
 import sys
 import tempfile
@@ -123,10 +132,115 @@ def study_of(path: Path, n: int) -> StudyInput:
     )
 
 
+class _RetraceCounter(logging.Handler):
+    """Counts TensorFlow's "triggered tf.function retracing" warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retracing" in record.getMessage():
+            self.count += 1
+
+
+def _time(pipeline: CXRPipeline, image: Path, sizes: tuple[int, ...], repeats: int) -> dict:
+    """Median seconds per image per batch size (after one untimed study of that size),
+    per-step seconds of the median run, and the retracing warnings while timing."""
+    counter = _RetraceCounter()
+    logging.getLogger("tensorflow").addHandler(counter)
+    out: dict = {}
+    try:
+        for n in sizes:
+            pipeline.analyse(study_of(image, n))
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                result = pipeline.analyse(study_of(image, n))
+                runs.append((time.perf_counter() - started, result.timings))
+            runs.sort(key=lambda r: r[0])
+            total, timings = runs[len(runs) // 2]
+            out[n] = (total / n, {k: v / n for k, v in timings.items()})
+    finally:
+        logging.getLogger("tensorflow").removeHandler(counter)
+    out["retracing"] = counter.count
+    return out
+
+
+def shipped(args: argparse.Namespace) -> int:
+    """The default configuration's models against the baseline, in one run."""
+    import os
+
+    from dicomnode.config import load_settings
+
+    settings = load_settings(REPO / "config.toml").cxr
+    sizes = (1, 4)
+    device = configure_devices()
+    configs = {
+        "baseline (no detector, model.predict)": replace(settings, detector="", batch_size=4),
+        "default (detector, compiled predictors)": replace(settings, batch_size=4),
+    }
+    rows = []
+    for label, cxr in configs.items():
+        pipeline = CXRPipeline(cxr, RoutingSettings())
+        pipeline.load()
+        if label.startswith("baseline"):
+
+            def old_predict(name: str, batch, p=pipeline):  # type: ignore[no-untyped-def]
+                with p._model_lock:
+                    return p.models[name].predict(batch, verbose=0)
+
+            pipeline._predict = old_predict  # type: ignore[method-assign]
+        timed = _time(pipeline, args.image, sizes, args.repeats)
+        rows.append((label, timed))
+        print(label, {n: round(timed[n][0], 3) for n in sizes}, "retracing", timed["retracing"])
+    load = os.getloadavg()[0]
+    steps = STEPS
+    table = [
+        "| configuration | batch | s/image | " + " | ".join(steps) + " | retracing warnings |",
+        "|" + "---|" * (len(steps) + 4),
+    ]
+    for label, timed in rows:
+        for n in sizes:
+            per_image, per_step = timed[n]
+            table.append(
+                f"| {label} | {n} | {per_image:.3f} | "
+                + " | ".join(f"{per_step.get(k, 0):.3f}" for k in steps)
+                + f" | {timed['retracing'] if n == sizes[0] else ''} |"
+            )
+    print("\n".join(table))
+    if not args.no_write:
+        write_section(
+            RESULTS,
+            "## pipeline (shipped models)",
+            [
+                "## pipeline (shipped models)",
+                "",
+                f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+                f"- machine: {machine_description()}; Keras {keras.__version__}, {device}",
+                f"- command: `python3 bench/pipeline.py --shipped --repeats {args.repeats}`",
+                "- config.toml's [cxr] (models/: lung U-Net, VGG-16/19, Inception-V3 mean "
+                "ensemble, Grad-CAM, the opacity detector on every image) against the baseline "
+                "in the same run: the same models without the detector, called through "
+                "model.predict (branch arch); batch_size 4; a 1024 x 1024 CR; median of "
+                f"{args.repeats} studies per size after one untimed; seconds per image",
+                f"- 1-minute load average at the end: {load:.1f} on 2 CPUs (shared with "
+                "other work when above 2)",
+                "- target: at most 1.5 s per image at batch 1; no retracing warning",
+                "",
+                *table,
+                "",
+            ],
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 4 instead of 16")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--shipped", action="store_true", help="the models in models/")
+    parser.add_argument("--repeats", type=int, default=3, help="timed studies per size")
     parser.add_argument(
         "--image",
         type=Path,
@@ -142,6 +256,8 @@ def main() -> int:
     if not args.image.exists():
         print(f"{args.image} is absent; pass --image PATH to a frontal chest radiograph")
         return 2
+    if args.shipped:
+        return shipped(args)
     big = 4 if args.quick else 16
     device = configure_devices()
     tmp = Path(tempfile.mkdtemp(prefix="dicomnode-bench-pipeline-"))

@@ -147,12 +147,18 @@ class CXRSettings:
     #: What the shipped ensemble's card recommends (chosen on validation data).
     strategy: str = "mean"
     stacking: str = ""
-    detector: str = ""
+    #: The opacity detector model (its manifest's [postprocess] makes the boxes); empty =
+    #: no detector.
+    detector: str = "cxr-opacity-detector"
+    #: Without a detector: boxes from the thresholded Grad-CAM heat map (else no boxes).
+    gradcam_boxes: bool = False
+    #: The detector runs only on images the ensemble calls abnormal (besides its own
+    #: image-score gate); off: on every analysed image, as its card measured it.
+    ensemble_gates_detector: bool = False
     explain_member: str = ""
     explain_class: str = "covid19"
     normal_class: str = "normal"
     abnormal_threshold: float = 0.5
-    detector_threshold: float = 0.5
     gradcam_box_threshold: float = 0.5
     batch_size: int = 16
     mixed_precision: bool = False
@@ -231,6 +237,8 @@ class OutputSettings:
     sr: bool = True
     heatmap_sc: bool = True
     draw_boxes: bool = True
+    gsps: bool = True
+    seg: bool = True
     manufacturer: str = "dicomnode project"
     institution_name: str = ""
 
@@ -801,7 +809,8 @@ def _parse_cxr(root: _Reader, base_dir: Path) -> CXRSettings:
         explain_class=r.get("explain_class", str, d.explain_class),
         normal_class=r.get("normal_class", str, d.normal_class),
         abnormal_threshold=r.number("abnormal_threshold", float, d.abnormal_threshold, 0, 1),
-        detector_threshold=r.number("detector_threshold", float, d.detector_threshold, 0, 1),
+        gradcam_boxes=r.get("gradcam_boxes", bool, d.gradcam_boxes),
+        ensemble_gates_detector=r.get("ensemble_gates_detector", bool, d.ensemble_gates_detector),
         gradcam_box_threshold=r.number(
             "gradcam_box_threshold", float, d.gradcam_box_threshold, 0, 1
         ),
@@ -890,6 +899,8 @@ def _parse_outputs(root: _Reader) -> OutputSettings:
         sr=r.get("sr", bool, d.sr),
         heatmap_sc=r.get("heatmap_sc", bool, d.heatmap_sc),
         draw_boxes=r.get("draw_boxes", bool, d.draw_boxes),
+        gsps=r.get("gsps", bool, d.gsps),
+        seg=r.get("seg", bool, d.seg),
         manufacturer=r.get("manufacturer", str, d.manufacturer)[:64],
         institution_name=r.get("institution_name", str, d.institution_name)[:64],
     )

@@ -112,6 +112,7 @@ def cxr_node_sections(
             "lung_mask": "lung",
             "members": ["m1", "m2", "m3"],
             "explain_member": "m1",
+            "detector": "detector",
             **cxr,
         },
     }

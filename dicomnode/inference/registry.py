@@ -72,6 +72,8 @@ class ModelSpec:
     """CT classifier input window (center, width) in HU: ``[input] window_center`` and
     ``window_width`` (the lung window -600 / 1500 when a ct-classifier gives none)."""
     builder: dict[str, Any] = field(default_factory=dict)
+    postprocess: dict[str, Any] = field(default_factory=dict)
+    """A detector's ``[postprocess]`` table (see ``inference.detector.BoxSettings``)."""
     manifest: Path | None = None
 
     @property
@@ -171,6 +173,7 @@ def read_manifest(path: Path) -> ModelSpec:
         threshold=float(threshold) if threshold is not None else None,
         window=window,
         builder=dict(data.get("builder", {})),
+        postprocess=dict(data.get("postprocess", {})),
         manifest=path,
     )
 

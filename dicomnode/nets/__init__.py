@@ -34,6 +34,7 @@ from dicomnode.nets.classifiers import (
     vgg19_classifier,
 )
 from dicomnode.nets.ct import DENSENET_GRADCAM_LAYER, densenet121_sigmoid
+from dicomnode.nets.detector import opacity_mobilenet
 from dicomnode.nets.segmentation import opacity_resnet
 from dicomnode.nets.small_cnn import SMALL_CNN_GRADCAM_LAYER, SMALL_CNN_LABELS, small_cnn
 from dicomnode.nets.unet import lung_unet, opacity_unet
@@ -45,6 +46,7 @@ ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "vgg19_classifier": vgg19_classifier,
     "inceptionv3_classifier": inceptionv3_classifier,
     "stacking_meta": stacking_meta,
+    "opacity_mobilenet": opacity_mobilenet,
     "opacity_resnet": opacity_resnet,
     "opacity_unet": opacity_unet,
     "densenet121_sigmoid": densenet121_sigmoid,

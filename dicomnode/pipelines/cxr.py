@@ -39,6 +39,7 @@ from dicomnode.config import CXRSettings, RoutingSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import Image8, ImageDecodeError, to_uint8
 from dicomnode.inference.detector import (
+    BoxSettings,
     boxes_from_detector,
     boxes_from_heatmap,
     detector_input,
@@ -47,6 +48,7 @@ from dicomnode.inference.detector import (
 from dicomnode.inference.ensemble import classifier_input, combine, predict_members
 from dicomnode.inference.gradcam import GradCAM
 from dicomnode.inference.lung import lung_crop, lung_masks
+from dicomnode.inference.predict import Predictor
 from dicomnode.inference.registry import (
     ModelSpec,
     configure_devices,
@@ -105,8 +107,10 @@ class CXRPipeline:
         self.version = "1"
         self.specs: dict[str, ModelSpec] = {}
         self.models: dict[str, Any] = {}
+        self.predictors: dict[str, Predictor] = {}
         self.gradcam: GradCAM | None = None
         self.weights: list[float] | None = None
+        self.box_settings = BoxSettings()
         self.device = "not loaded"
         # Keras models and the Grad-CAM tape are not safe to call from two threads at
         # once; the worker threads share this pipeline, so model calls take turns.
@@ -133,6 +137,12 @@ class CXRPipeline:
             names.append(s.detector)
         for name in names:
             self.models[name] = load_model(self._spec(name), mixed)
+            self.predictors[name] = Predictor(self.models[name])
+        if s.detector:
+            try:
+                self.box_settings = BoxSettings.from_table(self.specs[s.detector].postprocess)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError([("cxr.detector", f"{s.detector!r}: {exc}")]) from None
         classes = [self.specs[m].class_names for m in s.members]
         if any(c != classes[0] for c in classes):
             raise ConfigError(
@@ -166,7 +176,8 @@ class CXRPipeline:
         log.info("cxr pipeline ready on %s: %s", self.device, ", ".join(names))
 
     def _warm_up(self) -> None:
-        """One prediction per model, so the first study does not pay for graph building."""
+        """One prediction per model (its one trace, valid for every batch size), so the
+        first study does not pay for graph building."""
         for name, model in self.models.items():
             spec = self.specs[name]
             shape: tuple[int, ...]
@@ -174,7 +185,7 @@ class CXRPipeline:
                 shape = (1, model.input_shape[-1])
             else:
                 shape = (1, *spec.input_size, spec.channels)
-            model.predict(np.zeros(shape, np.float32), verbose=0)
+            self.predictors[name](np.zeros(shape, np.float32))
 
     def models_used(self) -> list[ModelUsed]:
         return [
@@ -222,7 +233,7 @@ class CXRPipeline:
 
     def _predict(self, name: str, batch: np.ndarray) -> np.ndarray:
         with self._model_lock, metrics.inference(name):
-            return np.asarray(self.models[name].predict(batch, verbose=0))
+            return self.predictors[name](batch)
 
     def _analyse_batch(
         self, batch: Sequence[tuple[InstanceInput, Image8]], timer: _Timer
@@ -267,8 +278,9 @@ class CXRPipeline:
 
         started = time.perf_counter()
         detector_maps: dict[int, np.ndarray] = {}
-        if s.detector and any(abnormal):
-            which = [i for i, a in enumerate(abnormal) if a]
+        wanted = [a or not s.ensemble_gates_detector for a in abnormal]
+        if s.detector and any(wanted):
+            which = [i for i, a in enumerate(wanted) if a]
             det_in = detector_input([batch[i][1].pixels for i in which], self.specs[s.detector])
             for i, prob in zip(which, self._predict(s.detector, det_in)[..., 0], strict=True):
                 detector_maps[i] = prob
@@ -294,19 +306,19 @@ class CXRPipeline:
                 explained_by=self.explainer,
                 heatmap=cams[i],
                 source=None if img.header is None else SourceImage(img.header, img.pixels),
+                lung_mask=np.asarray(mask, bool),
+                opacity_map=detector_maps.get(i),
             )
-            if abnormal[i]:
+            if i in detector_maps:
                 lungs = source_lungs(mask, img.Rows, img.Columns)
-                if i in detector_maps:
-                    result.boxes = boxes_from_detector(
-                        detector_maps[i], lungs, s.detector_threshold
-                    )
-                    result.box_method = f"detector:{s.detector}"
-                else:
-                    result.boxes = boxes_from_heatmap(
-                        result.heatmap_in_source(), lungs, s.gradcam_box_threshold
-                    )
-                    result.box_method = "gradcam-threshold"
+                result.boxes = boxes_from_detector(detector_maps[i], lungs, self.box_settings)
+                result.box_method = f"detector:{s.detector}"
+            elif abnormal[i] and not s.detector and s.gradcam_boxes:
+                lungs = source_lungs(mask, img.Rows, img.Columns)
+                result.boxes = boxes_from_heatmap(
+                    result.heatmap_in_source(), lungs, s.gradcam_box_threshold
+                )
+                result.box_method = "gradcam-threshold"
             results.append(result)
         timer.add("boxes", started)
         return results

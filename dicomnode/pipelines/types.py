@@ -179,6 +179,10 @@ class CXRImageResult:
     """Grad-CAM in [0, 1] over the lung crop (``lung_box``), at its own resolution."""
     source: SourceImage | None = field(default=None, repr=False)
     """The source header and display image, for the encoders."""
+    lung_mask: np.ndarray | None = field(default=None, repr=False)
+    """The lung model's boolean mask at its own resolution (the SEG's lung segment)."""
+    opacity_map: np.ndarray | None = field(default=None, repr=False)
+    """The detector's probability map at its output resolution, when it ran."""
 
     def heatmap_in_source(self) -> np.ndarray:
         """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""

@@ -205,7 +205,10 @@ def copyable_header(source: Dataset) -> Dataset:
     multiplicity, its date or time format, or the Patient's Sex terms (M, F, O) is
     emptied in the header; every copied Patient and Study attribute but the UIDs is
     Type 2 or 3, so empty is allowed. The Type 2 ones the source lacks are added empty
-    (highdicom fails on a missing one). The source is not changed. The emptied keywords
+    (highdicom fails on a missing one). Values valid in form but not in meaning are
+    dropped too: a pixel spacing with a value that is not above zero (``0.000\\0.000``
+    from some CR readers), which a result would otherwise copy into its own pixel
+    measures. The source is not changed. The emptied keywords
     are logged without their values (they may be PHI).
     """
     header = Dataset()
@@ -219,6 +222,10 @@ def copyable_header(source: Dataset) -> Dataset:
             emptied.append(element.keyword or str(element.tag))
         else:
             header.add(element)
+    for keyword in _SPACINGS:
+        if keyword in header and not meaningful_spacing(header, keyword):
+            del header[keyword]
+            emptied.append(keyword)
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in header:
             setattr(header, keyword, None)
@@ -231,10 +238,29 @@ def copyable_header(source: Dataset) -> Dataset:
 def _warn_emptied(sop_instance_uid: str, keywords: tuple[str, ...]) -> None:
     """Log once per source image, not once per result object made from it."""
     log.warning(
-        "source %s has values invalid for their VR, left empty in the results: %s",
+        "source %s has values invalid for their VR or meaning, left out of the results: %s",
         sop_instance_uid,
         ", ".join(keywords),
     )
+
+
+#: Pixel spacings (row, column in mm) that must be above zero to mean anything.
+_SPACINGS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
+
+
+def meaningful_spacing(source: Dataset, keyword: str) -> tuple[float, float] | None:
+    """``source``'s ``keyword`` spacing as two numbers above zero, else ``None`` (absent,
+    empty, not two values, not numbers, or zero / negative: a spacing that says nothing)."""
+    value = source.get(keyword)
+    if value is None or isinstance(value, str | bytes):
+        return None
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != 2 or not all(v > 0 for v in numbers):
+        return None
+    return numbers[0], numbers[1]
 
 
 def _breaks_its_vr(element: DataElement) -> bool:

@@ -29,7 +29,9 @@ from dicomnode.pipelines.types import (
     SourceImage,
     StudyInput,
 )
+from dicomnode.results.pr import build_gsps
 from dicomnode.results.sc import CT_SC_SERIES_NUMBER, build_heatmap_sc
+from dicomnode.results.seg import build_seg
 from dicomnode.results.sr import build_ct_sr, build_sr
 from dicomnode.results.uids import result_uid
 
@@ -66,7 +68,9 @@ def encode(
 def encode_cxr(
     result: CXRStudyResult, study: StudyInput, outputs: OutputSettings
 ) -> list[ResultObject]:
-    """The TID 1500 SR and one Grad-CAM Secondary Capture per analysed radiograph."""
+    """The TID 1500 SR, one Grad-CAM Secondary Capture per analysed radiograph, the
+    presentation state with the boxes (when there are any) and one Segmentation per
+    radiograph (lung mask and opacity map), as ``[outputs]`` says."""
     if not result.images:
         return []
     sources = [_source(image) for image in result.images]
@@ -103,6 +107,56 @@ def encode_cxr(
                 draw_boxes=outputs.draw_boxes,
             )
             objects.append(_encoded(sc))
+    if outputs.gsps and any(image.boxes for image in result.images):
+        methods = sorted({image.box_method for image in result.images if image.boxes})
+        gsps = build_gsps(
+            result.images,
+            headers,
+            series_uid=result_uid(result.study_instance_uid, result.models, "gsps-series"),
+            sop_uid=result_uid(result.study_instance_uid, result.models, "gsps"),
+            software_version=__version__,
+            manufacturer=outputs.manufacturer,
+            models=result.models,
+            institution_name=institution,
+            box_method=", ".join(methods),
+        )
+        objects.append(_encoded(gsps))
+    if outputs.seg:
+        objects += _cxr_segs(result, headers, outputs)
+    return objects
+
+
+def _cxr_segs(
+    result: CXRStudyResult, headers: list[Dataset], outputs: OutputSettings
+) -> list[ResultObject]:
+    """One Segmentation per radiograph that has a lung mask."""
+    by_task = {m.task: m for m in result.models}
+    lung_model = by_task.get("lung-mask")
+    detector = by_task.get("detector")
+    if lung_model is None:
+        return []
+    series_uid = result_uid(result.study_instance_uid, result.models, "seg-series")
+    objects = []
+    for number, (image, header) in enumerate(zip(result.images, headers, strict=True), 1):
+        if image.lung_mask is None:
+            continue
+        seg = build_seg(
+            header,
+            image.lung_mask,
+            image.opacity_map,
+            lung_model=lung_model,
+            detector_model=detector if image.opacity_map is not None else None,
+            series_uid=series_uid,
+            sop_uid=result_uid(
+                result.study_instance_uid, result.models, f"seg:{image.sop_instance_uid}"
+            ),
+            instance_number=number,
+            software_version=__version__,
+            manufacturer=outputs.manufacturer,
+            models=result.models,
+            institution_name=outputs.institution_name or None,
+        )
+        objects.append(_encoded(seg))
     return objects
 
 

@@ -78,6 +78,8 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dicom_codes
+from pydicom.sr.coding import Code
 
 from dicomnode.inference.geometry import Box
 from dicomnode.inference.registry import CodedClass
@@ -90,6 +92,7 @@ from dicomnode.results.common import (
     ResultError,
     contributing_equipment,
     copyable_header,
+    meaningful_spacing,
     node_device_uid,
     result_character_set,
 )
@@ -262,6 +265,7 @@ def _document(
         specific_character_set=result_character_set(header),
     )
     sr.DeviceUID = device_uid
+    _library_modalities(sr, {str(s.SOPInstanceUID): s for s in analysed})
     return sr
 
 
@@ -279,19 +283,63 @@ def _library_view(source: Dataset) -> Dataset:
         if keyword in source:
             setattr(view, keyword, source[keyword].value)
     orientation = source.get("PatientOrientation")
-    spacing = source.get("ImagerPixelSpacing")
+    spacing = meaningful_spacing(source, "ImagerPixelSpacing")
     complete = (
         orientation is not None
         and len(orientation) == 2
         and all(orientation)
         and spacing is not None
-        and len(spacing) == 2
     )
     view.Modality = source.get("Modality", "OT") if complete else "OT"
     if complete:
         view.PatientOrientation = orientation
-        view.ImagerPixelSpacing = spacing
+        view.ImagerPixelSpacing = list(spacing)  # type: ignore[arg-type]
     return view
+
+
+def source_modality(source: Dataset) -> Code | None:
+    """The source's own Modality as its CID 29 code (``CR`` -> DCM CR "Computed
+    Radiography"), or ``None`` when it has none or one CID 29 does not list."""
+    value = str(source.get("Modality", "") or "").strip().upper()
+    if not value:
+        return None
+    for name in dicom_codes.cid29.dir():
+        code = getattr(dicom_codes.cid29, name)
+        if code.value == value and code.scheme_designator == "DCM":
+            return Code(code.value, code.scheme_designator, code.meaning)
+    return None
+
+
+def _library_modalities(sr: Dataset, sources: dict[str, Dataset]) -> None:
+    """Set every Image Library entry's Modality (DCM 121139) to its source's own.
+
+    highdicom codes an entry's modality from the SOP Class, so a radiograph stored as
+    Secondary Capture (as RSNA ships them) or one whose projection descriptors are
+    incomplete would be listed as ``OT``; the entry must say what the source says.
+    """
+
+    def walk(items: Sequence[Dataset], sop_uid: str | None) -> None:
+        for item in items:
+            uid = sop_uid
+            if item.get("ValueType") == "IMAGE" and "ReferencedSOPSequence" in item:
+                uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            name = item.get("ConceptNameCodeSequence")
+            if (
+                uid in sources
+                and item.get("ValueType") == "CODE"
+                and name
+                and name[0].CodeValue == "121139"
+            ):
+                code = source_modality(sources[uid])
+                if code is not None:
+                    concept = item.ConceptCodeSequence[0]
+                    concept.CodeValue = code.value
+                    concept.CodingSchemeDesignator = code.scheme_designator
+                    concept.CodeMeaning = code.meaning
+            if "ContentSequence" in item:
+                walk(item.ContentSequence, uid)
+
+    walk(sr.get("ContentSequence", []), None)
 
 
 def _sources_by_uid(study_uid: str, sources: Sequence[Dataset]) -> dict[str, Dataset]:

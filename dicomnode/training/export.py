@@ -90,6 +90,7 @@ def export_model(
     ensemble_weight: float | None = None,
     input_extra: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    extra_tables: Mapping[str, Mapping[str, Any]] | None = None,
     description: str = "",
 ) -> ModelSpec:
     """Save ``model`` as ``out_dir/model.keras``, write the manifest, return it parsed.
@@ -98,7 +99,8 @@ def export_model(
 
     ``input_extra`` adds keys to ``[input]`` (e.g. CT ``window_center``/``window_width``);
     ``training`` becomes the ``[training]`` table and must name the ``target`` that
-    ``dicomnode evaluate`` uses to re-measure the model.
+    ``dicomnode evaluate`` uses to re-measure the model; ``extra_tables`` are written as
+    they are (a detector's ``[postprocess]``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,8 @@ def export_model(
         parts.append(_table("builder", dict(builder)))
     if training:
         parts.append(_table("training", dict(training)))
+    for table_name, values in (extra_tables or {}).items():
+        parts.append(_table(table_name, dict(values)))
     for c in classes:
         parts.append(
             "[[classes]]\n"

@@ -107,7 +107,8 @@ def test_default_config_analyses_cxr_and_ct_with_the_shipped_models(tmp_path: Pa
         orthanc.stop()
     # Every model the default configuration names was loaded from models/, checksum verified.
     cxr, ct = config["cxr"], config["ct"]
-    names = [cxr["lung_mask"], *cxr["members"], ct["classifier"]]
+    assert cxr["detector"] == "cxr-opacity-detector" and not cxr["gradcam_boxes"]
+    names = [cxr["lung_mask"], *cxr["members"], cxr["detector"], ct["classifier"]]
     if cxr["strategy"] == "stacking":
         names.append(cxr["stacking"])
     for name in names:

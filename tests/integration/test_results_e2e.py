@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> None:
@@ -47,11 +49,13 @@ def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> N
             assert run.returncode == 0
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                if node.status()["deliveries"]["delivered"] == 2:
+                deliveries = node.status()["deliveries"]
+                if deliveries["delivered"] >= 3 and not deliveries["pending"]:
                     break
                 time.sleep(0.5)
             status = node.status()
-            assert status["deliveries"]["delivered"] == 2, status["undelivered"]
+            # SR, SC, SEG, and the GSPS when the detector found boxes
+            assert status["deliveries"]["delivered"] in (3, 4), status["undelivered"]
             [study] = node.studies().values()
             assert study["state"] == "done"
         # Orthanc holds the source, the SR and the SC, all in one study.
@@ -65,6 +69,9 @@ def test_sr_and_heatmap_arrive_in_the_same_study_in_orthanc(tmp_path: Path) -> N
                 continue  # the source itself (sent by the test: the node does not forward it)
             by_class.setdefault(tags["SOPClassUID"], []).append(inst["ID"])
         assert len(by_class[SR_CLASS]) == 1 and len(by_class[SC_CLASS]) == 1
+        assert len(by_class[SEG_CLASS]) == 1 and len(by_class.get(GSPS_CLASS, [])) <= 1
+        for extra in by_class[SEG_CLASS] + by_class.get(GSPS_CLASS, []):
+            assert dciodvfy(orthanc.download(extra, tmp_path / f"{extra}.dcm"))[0] == []
         sr_path = orthanc.download(by_class[SR_CLASS][0], tmp_path / "sr.dcm")
         sc_path = orthanc.download(by_class[SC_CLASS][0], tmp_path / "sc.dcm")
         assert dciodvfy(sr_path)[0] == []
@@ -180,8 +187,9 @@ def test_every_shared_chest_file_comes_back_with_its_findings(tmp_path: Path) ->
             tags = [orthanc.get(f"/instances/{o['ID']}/simplified-tags") for o in objects]
             srs = [t for t, o in zip(tags, objects, strict=True) if t["SOPClassUID"] == SR_CLASS]
             scs = [t for t in tags if t["SOPClassUID"] == SC_CLASS]
+            segs = [t for t in tags if t["SOPClassUID"] == SEG_CLASS]
             images = summaries[uid]["images"]
-            assert len(srs) == 1 and len(scs) == len(images)
+            assert len(srs) == 1 and len(scs) == len(images) == len(segs)
             for o, t in zip(objects, tags, strict=True):  # every object the node produced
                 path = orthanc.download(o["ID"], tmp_path / f"{t['SOPInstanceUID']}.dcm")
                 assert dciodvfy(path)[0] == [], t["SOPClassUID"]
@@ -190,5 +198,133 @@ def test_every_shared_chest_file_comes_back_with_its_findings(tmp_path: Path) ->
             got = _ensemble_probabilities(sr)
             for name, p in images[0]["probabilities"].items():
                 assert got[codes[name]] == pytest.approx(p, abs=1e-4), (uid, name)
+    finally:
+        orthanc.stop()
+
+
+REPO = Path(__file__).resolve().parents[2]
+NIH_BOXES = REPO.parent / "shared" / "data" / "cxr_opacity_boxes" / "nih_cxr14_bbox"
+#: A held-out (test split) NIH radiograph with a radiologist's Pneumonia box.
+NIH_PNEUMONIA = "00005567_000"
+
+
+def _cr_from_png(png: Path, folder: Path) -> Path:
+    """The NIH PNG as a CR Image Storage instance, as a CR reader might send it: a
+    Pixel Spacing of 0.000\\0.000 (valid in form, meaningless) beside the real Imager
+    Pixel Spacing, no Patient Orientation."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "NIH^" + png.stem
+    ds.PatientID = png.stem.split("_")[0]
+    ds.StudyDate = "20260101"
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PixelSpacing = ["0.000", "0.000"]
+    ds.ImagerPixelSpacing = ["0.143", "0.143"]
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = folder / f"{png.stem}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.skipif(
+    not (NIH_BOXES.is_dir() and (REPO / "models" / "cxr-opacity-detector").is_dir()),
+    reason="needs ../shared/data (the NIH box set) and the shipped detector",
+)
+def test_a_radiograph_with_a_pneumonia_box_comes_back_with_sr_gsps_and_seg(
+    tmp_path: Path,
+) -> None:
+    """The shipped models (config.toml's [cxr]) on a held-out NIH radiograph with a
+    radiologist's Pneumonia box: Orthanc gets the SR, the SC, a GSPS whose boxes are the
+    SR's and which references the source, and a SEG; all dciodvfy clean; the SR lists the
+    source as CR and no object carries the source's zero Pixel Spacing."""
+    pytest.importorskip("keras")
+    source = _cr_from_png(NIH_BOXES / "images" / f"{NIH_PNEUMONIA}.png", tmp_path)
+    source_ds = dcmread(source)
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    orthanc.start()
+    try:
+        with running_node(
+            tmp_path / "node",
+            worker={"pipeline": "cxr", "processes": 1},
+            cxr={"models_dir": str(REPO / "models"), "batch_size": 4},
+            destinations=[
+                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.port}
+            ],
+        ) as node:
+            [run] = storescu([source], node.port)
+            assert run.returncode == 0
+            node.wait_for(
+                lambda s: s and all(v["state"] == "done" for v in s.values()), 300, "study done"
+            )
+            deadline = time.monotonic() + 120
+            while node.status()["deliveries"]["pending"] and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert node.status()["deliveries"]["pending"] == 0
+        [study] = orthanc.get("/studies")
+        by_class: dict[str, list[Path]] = {}
+        for inst in orthanc.get(f"/studies/{study}/instances"):
+            tags = orthanc.get(f"/instances/{inst['ID']}/simplified-tags")
+            if tags["SOPInstanceUID"] == source_ds.SOPInstanceUID:
+                continue
+            path = orthanc.download(inst["ID"], tmp_path / f"{inst['ID']}.dcm")
+            by_class.setdefault(tags["SOPClassUID"], []).append(path)
+        assert {k: len(v) for k, v in by_class.items()} == {
+            SR_CLASS: 1,
+            SC_CLASS: 1,
+            GSPS_CLASS: 1,
+            SEG_CLASS: 1,
+        }
+        for paths in by_class.values():
+            errors, output = dciodvfy(paths[0])
+            assert errors == [], output
+            assert "PixelSpacing" not in dcmread(paths[0])
+        sr = dcmread(by_class[SR_CLASS][0])
+        rings, modalities, methods = [], [], []
+
+        def walk(items):  # type: ignore[no-untyped-def]
+            for item in items:
+                name = item.get("ConceptNameCodeSequence")
+                if item.ValueType == "SCOORD":
+                    rings.append([round(float(v), 2) for v in item.GraphicData])
+                if item.ValueType == "CODE" and name and name[0].CodeValue == "121139":
+                    modalities.append(item.ConceptCodeSequence[0].CodeValue)
+                if item.ValueType == "TEXT" and name and name[0].CodeValue == "111001":
+                    methods.append(str(item.TextValue))
+                walk(item.get("ContentSequence", []))
+
+        walk(sr.ContentSequence)
+        assert modalities == ["CR"]
+        assert "cxr-opacity-detector" in methods  # TID 4019 of the boxes
+        gsps = dcmread(by_class[GSPS_CLASS][0])
+        referenced = gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
+        boxes = [
+            [round(float(v), 2) for v in g.GraphicData]
+            for a in gsps.GraphicAnnotationSequence
+            for g in a.GraphicObjectSequence
+        ]
+        assert boxes and all(b in rings for b in boxes)  # each GSPS box is an SR region
+        seg = dcmread(by_class[SEG_CLASS][0])
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Lung", "Opacity"]
     finally:
         orthanc.stop()

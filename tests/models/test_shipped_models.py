@@ -78,3 +78,30 @@ def test_ct_classifier_auc_on_held_out_groups() -> None:
     assert measured["auc"] == pytest.approx(stated["auc"], abs=0.005)
     assert measured["accuracy"] == pytest.approx(stated["accuracy"], abs=0.005)
     assert measured["confusion_matrix"] == stated["confusion_matrix"]
+
+
+def test_detector_card_numbers_on_held_out_patients(tmp_path: Path) -> None:
+    """The detector's card numbers are what it measures now on the held-out NIH patients
+    (the goals of issue 22 are not reached; the card says so, with the intervals)."""
+    from dicomnode.training.recipes import detector
+
+    folder = MODELS / detector.NAME
+    if not folder.is_dir():
+        pytest.fail(f"{folder} is not shipped")
+    _need_data("cxr_opacity_boxes", "nih_cxr14_bbox")
+    _need_data("cxr_multisource")
+    stated = read_metrics(folder)
+    copy = tmp_path / detector.NAME  # evaluate rewrites the card: measure a copy
+    copy.mkdir()
+    for item in folder.iterdir():
+        if item.is_file():
+            (copy / item.name).write_bytes(item.read_bytes())
+    measured = detector.evaluate(copy, DATA)
+    for key in ("rsna_score", "image_auc", "image_auc_score", "box_sensitivity_iou40"):
+        assert measured[key] == pytest.approx(stated["metrics"][key], abs=0.005), key
+    card = (folder / CARD_FILE).read_text(encoding="utf-8")
+    for goal, met in (
+        ("RSNA score >= 0.25", measured["rsna_score"] >= 0.25),
+        ("image AUC >= 0.80", measured["image_auc"] >= 0.80),
+    ):
+        assert f"| {goal} | {'met' if met else 'NOT met'}" in card

@@ -210,7 +210,11 @@ def test_chest_pipeline_runs_both_and_skips_with_both_reasons(
     cxr_models = write_cxr_models(tmp_path / "cxr")
     cxr = CXRPipeline(
         CXRSettings(
-            models_dir=cxr_models, lung_mask="lung", members=("m1", "m2", "m3"), explain_member="m1"
+            models_dir=cxr_models,
+            lung_mask="lung",
+            members=("m1", "m2", "m3"),
+            explain_member="m1",
+            detector="detector",
         ),
         RoutingSettings(),
     )
@@ -237,8 +241,14 @@ def test_chest_pipeline_runs_both_and_skips_with_both_reasons(
     assert outcome.analysis.cxr is not None and len(outcome.analysis.cxr.images) == 1
     assert outcome.analysis.ct is not None and outcome.analysis.ct.score is not None
     objects = encode(outcome, both, OutputSettings())
-    # CXR: one SR + one SC; CT: one SR + three SCs; all UIDs distinct.
-    assert len(objects) == 6 and len({o.sop_instance_uid for o in objects}) == 6
+    # CXR: one SR + one SC + one SEG (+ a GSPS when the detector drew boxes);
+    # CT: one SR + three SCs; all UIDs distinct.
+    classes = [o.sop_class_uid for o in objects]
+    gsps = classes.count("1.2.840.10008.5.1.4.1.1.11.1")
+    assert classes.count("1.2.840.10008.5.1.4.1.1.88.34") == 2
+    assert classes.count("1.2.840.10008.5.1.4.1.1.7") == 4
+    assert classes.count("1.2.840.10008.5.1.4.1.1.66.4") == 1 and gsps <= 1
+    assert len(objects) == 7 + gsps and len({o.sop_instance_uid for o in objects}) == 7 + gsps
     coronal_only = StudyInput(study_uid, instance_inputs(paths[24:27]))
     outcome = chest.run(coronal_only)
     assert outcome.skipped_reason == (

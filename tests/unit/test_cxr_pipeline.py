@@ -39,6 +39,8 @@ def _settings(models_dir: Path, **changes: object) -> CXRSettings:
         strategy="weighted",  # the manifests' weights, checked below
         explain_member="m1",
         abnormal_threshold=0.0,  # look for boxes on every image
+        detector="",
+        gradcam_boxes=True,  # the configured fallback, unless a test names a detector
         batch_size=4,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
@@ -200,3 +202,64 @@ def test_two_threads_sharing_one_pipeline_get_the_results_of_one(models_dir: Pat
                     mine.rows,
                     mine.columns,
                 )
+
+
+def test_detector_gates_and_grad_cam_boxes_only_when_configured(models_dir: Path) -> None:
+    """The detector runs on every image (its own gate) unless the ensemble is asked to
+    gate it; without a detector, Grad-CAM boxes only when configured; the lung mask and
+    the detector's map travel with the result (for the Segmentation)."""
+    study = _study(dicom_files(shared_data("dicom_cxr")))
+    runs = {}
+    for name, changes in {
+        "detector": {"detector": "detector", "abnormal_threshold": 1.0},
+        "gated": {
+            "detector": "detector",
+            "abnormal_threshold": 1.0,
+            "ensemble_gates_detector": True,
+        },
+        "none": {"gradcam_boxes": False},
+    }.items():
+        pipeline = CXRPipeline(_settings(models_dir, **changes), RoutingSettings())
+        pipeline.load()
+        runs[name] = pipeline.analyse(study).images
+    assert runs["detector"] and all(i.box_method == "detector:detector" for i in runs["detector"])
+    assert all(i.opacity_map is not None and i.lung_mask is not None for i in runs["detector"])
+    # abnormal_threshold 1.0: nothing is abnormal, so the gated detector never runs
+    assert all(i.box_method == "none" and i.opacity_map is None for i in runs["gated"])
+    assert all(i.box_method == "none" and not i.boxes for i in runs["none"])
+    assert all(i.lung_mask is not None for i in runs["none"])
+
+
+def test_models_are_traced_once_for_every_batch_size(models_dir: Path) -> None:
+    """Studies of 1, 3 and 5 images (batches 1, 3, 4 + 1) reuse the one trace each model
+    got at warm-up: no per-call re-tracing, and no "retracing" warning at all."""
+    import logging
+
+    import keras
+
+    warnings: list[str] = []
+
+    class Retracing(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retracing" in record.getMessage():
+                warnings.append(record.getMessage())
+
+    handler = Retracing()
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        files = dicom_files(shared_data("dicom_cxr"))
+        study = _study(files)
+        pipeline = CXRPipeline(_settings(models_dir, detector="detector"), RoutingSettings())
+        pipeline.load()
+        for n in (1, 3, 5):
+            instances = tuple(
+                replace(study.instances[0], sop_instance_uid=f"1.2.3.{n}.{k}") for k in range(n)
+            )
+            result = pipeline.analyse(StudyInput(study.study_instance_uid, instances))
+            assert len(result.images) == n
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert warnings == []
+    traces = {name: p.traces for name, p in pipeline.predictors.items()}
+    if keras.backend.backend() == "tensorflow":
+        assert traces and all(t == 1 for t in traces.values()), traces

@@ -61,6 +61,8 @@ TINY_CASES: list[tuple[str, dict[str, Any], str, tuple[int, ...]]] = [
         "opacity_resnet",
         (32, 32, 1),
     ),
+    # The detector: MobileNetV2 (random weights here, frozen) and a decoder; map at 1/8.
+    ("opacity_mobilenet", {"input_size": 64, "channels": 4}, "opacity_mobilenet", (8, 8, 1)),
     (
         "opacity_unet",
         {"input_size": 32, "start_channels": 2, "depth": 2},
