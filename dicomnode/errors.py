@@ -60,16 +60,12 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     TimeoutError,  # network or database timeouts (socket.timeout is TimeoutError)
 )
 
-#: Third-party families matched by (top-level module, class name), so that this module
-#: imports none of them: the database drivers' and SQLAlchemy's connection errors and the
-#: accelerators' out-of-memory errors.
+#: Third-party families matched by module and class name, so that this module imports none
+#: of them. Every error of the database libraries counts: the worker's database work is the
+#: node's own (claims, heartbeats, results), so a failure there (a lost connection, a lock,
+#: a race on a constraint) is about the database, not about the study's data.
+_DATABASE_MODULES = {"sqlalchemy", "psycopg", "psycopg2", "sqlite3"}
 _RETRYABLE_BY_NAME = {
-    ("sqlalchemy", "OperationalError"),
-    ("sqlalchemy", "InterfaceError"),
-    ("sqlalchemy", "DisconnectionError"),
-    ("sqlalchemy", "TimeoutError"),
-    ("psycopg", "OperationalError"),
-    ("sqlite3", "OperationalError"),
     ("tensorflow", "ResourceExhaustedError"),
     ("torch", "OutOfMemoryError"),
 }
@@ -78,7 +74,8 @@ _RETRYABLE_BY_NAME = {
 def is_retryable(exc: BaseException) -> bool:
     """Whether a job that failed with ``exc`` is tried again (see :data:`RETRYABLE`).
 
-    Deterministic failures (a corrupt image, an invalid UID, a bug, a bad model file)
+    Every error raised by the database libraries is retryable. Deterministic failures (a
+    corrupt image, an invalid UID, a bug, a bad model file)
     give the same result on every attempt, so they are not retried. JAX reports an
     accelerator out of memory as an ``XlaRuntimeError`` whose message starts with
     ``RESOURCE_EXHAUSTED``.
@@ -89,7 +86,7 @@ def is_retryable(exc: BaseException) -> bool:
         return True  # the disk may be freed
     for cls in type(exc).__mro__:
         top = cls.__module__.partition(".")[0]
-        if (top, cls.__name__) in _RETRYABLE_BY_NAME:
+        if top in _DATABASE_MODULES or (top, cls.__name__) in _RETRYABLE_BY_NAME:
             return True
         if cls.__name__ == "XlaRuntimeError" and "RESOURCE_EXHAUSTED" in str(exc):
             return True

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fixture_pipelines import BrokenPipeline, FailingPipeline
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from test_queue import QUEUE, _complete_studies, _state, _worker_settings
 
 from dicomnode.config import OutboxSettings
@@ -207,6 +207,7 @@ def test_delivery_pending_delivered_failed_and_replaced(db: Database) -> None:
         OSError(errno.ENOSPC, "No space left on device"),
         sqlite3.OperationalError("database is locked"),
         OperationalError("SELECT 1", {}, Exception("server closed the connection")),
+        IntegrityError("UPDATE job", {}, Exception("a race on a unique index")),
     ],
 )
 def test_outages_are_retryable(exc: BaseException) -> None:
