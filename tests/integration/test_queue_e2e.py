@@ -141,10 +141,14 @@ def test_sigkill_while_receiving_and_while_processing_loses_nothing_and_runs_onc
                 study_id, reopened = session.execute(
                     select(Study.id, Study.reopened_count).where(Study.study_instance_uid == uid)
                 ).one()
-                jobs = session.execute(select(Job.status).where(Job.study_id == study_id)).all()
+                jobs = session.execute(
+                    select(Job.status, Job.attempts, Job.stalls, Job.last_error).where(
+                        Job.study_id == study_id
+                    )
+                ).all()
                 # One analysis per completion: a study that completed on the instances received
                 # before a kill, and re-opened when the rest arrived, is analysed once more.
-                assert [j.status for j in jobs] == [JobStatus.DONE] * (reopened + 1), uid
+                assert [j.status for j in jobs] == [JobStatus.DONE] * (reopened + 1), (uid, jobs)
                 rows = session.execute(
                     select(Delivery.sop_instance_uid, Delivery.destination).where(
                         Delivery.study_id == study_id
