@@ -14,8 +14,8 @@ licence, the label as the folder gives it and the class this set maps it to. The
    this data distinct Kermany children are often 8-12 bits apart), so the hash only
    proposes pairs and the thumbnail confirms them (every confirmed copy pair measured
    here correlates at 0.97 or more); copies are merged by union-find. Of each set the
-   record of the most authoritative folder is kept (:data:`FOLDER_PRIORITY`: the folders with patient ids
-   and upstream metadata first, the Kaggle 3-class copies last).
+   record of the most authoritative folder is kept (:data:`FOLDER_PRIORITY`: the folders
+   with patient ids and upstream metadata first, the Kaggle 3-class copies last).
 2. **Label conflicts, resolved explicitly.** When the kept copies of one picture carry
    different classes the picture is dropped (reason ``label conflict``) unless the
    disagreement is only a lower-priority copy's (the Kaggle set relabels some ieee8023
