@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -78,33 +79,44 @@ def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
 
 @dataclass
 class MahalanobisGate:
-    """Class means and a shared precision matrix of training features, and a threshold."""
+    """PCA of training features, class means and a shared precision in that space, and a
+    threshold on the score."""
 
-    means: np.ndarray  # (n_classes, d)
-    precision: np.ndarray  # (d, d)
+    centre: np.ndarray  # (d,) training feature mean
+    basis: np.ndarray  # (d, k) principal directions
+    means: np.ndarray  # (n_classes, k)
+    precision: np.ndarray  # (k, k)
     threshold: float = float("inf")
     quantile: float = 0.0  # the validation quantile the threshold was set at
 
     @classmethod
-    def fit(cls, features: np.ndarray, y: np.ndarray, shrinkage: float = 0.1) -> MahalanobisGate:
-        """Fit on training ``features`` ``(n, d)`` with class labels ``y``."""
+    def fit(
+        cls, features: np.ndarray, y: np.ndarray, components: int = 64, shrinkage: float = 0.1
+    ) -> MahalanobisGate:
+        """Fit on training ``features`` ``(n, d)`` with class labels ``y``: the top
+        ``components`` principal directions, then class means and a shared covariance
+        (shrunk ``shrinkage`` of the way to its diagonal) in that space."""
         features = np.asarray(features, dtype=np.float64)
         y = np.asarray(y, dtype=np.int64)
+        centre = features.mean(axis=0)
+        _, _, vt = np.linalg.svd(features - centre, full_matrices=False)
+        basis = vt[: min(components, len(vt))].T
+        z = (features - centre) @ basis
         classes = np.unique(y)
-        means = np.stack([features[y == c].mean(axis=0) for c in classes])
-        centred = features - means[np.searchsorted(classes, y)]
-        covariance = centred.T @ centred / max(len(features) - len(classes), 1)
-        diagonal = np.diag(np.diag(covariance))
-        shrunk = (1 - shrinkage) * covariance + shrinkage * diagonal
+        means = np.stack([z[y == c].mean(axis=0) for c in classes])
+        centred = z - means[np.searchsorted(classes, y)]
+        covariance = centred.T @ centred / max(len(z) - len(classes), 1)
+        shrunk = (1 - shrinkage) * covariance + shrinkage * np.diag(np.diag(covariance))
         shrunk += np.eye(len(shrunk)) * 1e-6 * float(np.trace(shrunk)) / len(shrunk)
-        return cls(means=means, precision=np.linalg.inv(shrunk))
+        return cls(centre, basis, means, np.linalg.inv(shrunk))
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """Smallest squared Mahalanobis distance to a class mean, per row."""
-        features = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        """Smallest squared Mahalanobis distance to a class mean (PCA space) ."""
+        x = np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.centre
+        z = x @ self.basis
         distances = []
         for mean in self.means:
-            d = features - mean
+            d = z - mean
             distances.append(np.einsum("ij,jk,ik->i", d, self.precision, d))
         return np.min(np.stack(distances, axis=1), axis=1)
 
@@ -118,21 +130,79 @@ class MahalanobisGate:
         """True where an image is outside the validated domain."""
         return self.score(features) > self.threshold
 
-    def save(self, path: Path) -> None:
-        np.savez(
-            path,
-            means=self.means,
-            precision=self.precision,
-            threshold=np.float64(self.threshold),
-            quantile=np.float64(self.quantile),
-        )
+    def arrays(self, prefix: str = "gate_") -> dict[str, np.ndarray]:
+        return {
+            f"{prefix}centre": self.centre.astype(np.float32),
+            f"{prefix}basis": self.basis.astype(np.float32),
+            f"{prefix}means": self.means.astype(np.float32),
+            f"{prefix}precision": self.precision.astype(np.float64),
+            f"{prefix}threshold": np.float64(self.threshold),
+            f"{prefix}quantile": np.float64(self.quantile),
+        }
 
     @classmethod
-    def load(cls, path: Path) -> MahalanobisGate:
+    def from_arrays(cls, data: Any, prefix: str = "gate_") -> MahalanobisGate:
+        return cls(
+            centre=np.asarray(data[f"{prefix}centre"], dtype=np.float64),
+            basis=np.asarray(data[f"{prefix}basis"], dtype=np.float64),
+            means=np.asarray(data[f"{prefix}means"], dtype=np.float64),
+            precision=np.asarray(data[f"{prefix}precision"], dtype=np.float64),
+            threshold=float(data[f"{prefix}threshold"]),
+            quantile=float(data[f"{prefix}quantile"]),
+        )
+
+
+#: File beside the model holding what :class:`DomainModel` needs.
+DOMAIN_FILE = "domain.npz"
+
+
+@dataclass
+class DomainModel:
+    """Everything beside the network: normalisation, temperature, the OOD gate, the
+    pneumonia subtype head (bacterial vs viral on pooled features) and the operating
+    points (calibrated probability at or above which a finding is Present)."""
+
+    normalisation: str
+    temperature: float
+    gate: MahalanobisGate
+    subtype_kernel: np.ndarray  # (1280, 2): bacterial, viral
+    subtype_bias: np.ndarray  # (2,)
+    operating_points: dict[str, float]
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / DOMAIN_FILE
+        names = sorted(self.operating_points)
+        np.savez(
+            path,
+            normalisation=np.array(self.normalisation),
+            temperature=np.float64(self.temperature),
+            subtype_kernel=self.subtype_kernel.astype(np.float32),
+            subtype_bias=self.subtype_bias.astype(np.float32),
+            operating_point_names=np.array(names),
+            operating_point_values=np.array([self.operating_points[n] for n in names]),
+            **self.gate.arrays(),
+        )
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> DomainModel:
+        path = Path(folder) / DOMAIN_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {DOMAIN_FILE} in {str(folder)!r}")
         with np.load(path) as data:
+            names = [str(n) for n in data["operating_point_names"]]
             return cls(
-                means=data["means"],
-                precision=data["precision"],
-                threshold=float(data["threshold"]),
-                quantile=float(data["quantile"]),
+                normalisation=str(data["normalisation"]),
+                temperature=float(data["temperature"]),
+                gate=MahalanobisGate.from_arrays(data),
+                subtype_kernel=np.asarray(data["subtype_kernel"], dtype=np.float64),
+                subtype_bias=np.asarray(data["subtype_bias"], dtype=np.float64),
+                operating_points=dict(
+                    zip(names, (float(v) for v in data["operating_point_values"]), strict=True)
+                ),
             )
+
+    def viral_probability(self, pooled: np.ndarray) -> np.ndarray:
+        """P(viral | pneumonia) from pooled features (the subtype head)."""
+        logits = np.atleast_2d(pooled) @ self.subtype_kernel + self.subtype_bias
+        return softmax(logits)[:, 1]

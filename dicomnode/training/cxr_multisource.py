@@ -25,11 +25,11 @@ licence, the label as the folder gives it and the class this set maps it to. The
    copies of one picture are merged, so no patient and no picture can reach two splits.
    Images with no patient id (the Kaggle copies that match no original) are dropped: a
    patient-level split cannot place them, and their patient may have other images here.
-4. **Classes.** ``normal``, ``pneumonia`` (every non-COVID-19 pneumonia, bacterial or viral
-   or unspecified) and ``covid19``; the pneumonia subtype (``bacterial`` / ``viral`` / ``""``)
-   is kept per image for the within-Kermany bacterial-vs-viral analysis. Labels outside
-   these (tuberculosis, the NIH box set's other findings, ieee8023 ``other``) are dropped
-   with their reason.
+4. **Classes.** ``pneumonia`` (every non-COVID-19 pneumonia, bacterial or viral or
+   unspecified), ``covid19`` and ``normal``, in the other members' output order; the
+   pneumonia subtype (``bacterial`` / ``viral`` / ``""``) is kept per image for the
+   within-Kermany bacterial-vs-viral analysis. Labels outside these (tuberculosis, the
+   NIH box set's other findings, ieee8023 ``other``) are dropped with their reason.
 5. **Splits** by group, stratified by source and the group's classes, with
    :func:`dicomnode.training.data.split_groups` (train / val / held-out test).
 
@@ -51,8 +51,8 @@ import numpy as np
 from dicomnode.training import TrainingError
 from dicomnode.training.data import assert_group_disjoint, read_grey, split_groups
 
-#: The classes, in model output order.
-CLASSES = ("normal", "pneumonia", "covid19")
+#: The classes, in model output order (the order of the seed members' outputs).
+CLASSES = ("pneumonia", "covid19", "normal")
 #: Hashes this many bits apart or closer are candidate copies ...
 DUPLICATE_HAMMING = 16
 #: ... confirmed when their z-scored thumbnails correlate at least this much.
