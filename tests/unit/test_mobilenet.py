@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -94,3 +95,30 @@ def test_shared_imagenet_backbone_loads_variable_by_variable() -> None:
     assert pooled.shape == (2, 1280) and pooled.min() >= 0
     random = np.asarray(pooled_feature_model(mobilenetv2_classifier(96))(x, training=False))
     assert not np.allclose(pooled, random)
+
+
+def test_apoz_pruning_reaches_the_expansion_convolutions() -> None:
+    from dicomnode.training.prune import apoz, prunable_convolutions, prune_channels
+
+    keras.utils.set_random_seed(3)
+    model = mobilenetv2_classifier(64)
+    prunable = {c.conv: c for c in prunable_convolutions(model)}
+    expected = {"Conv1", "Conv_1"} | {f"block_{i}_expand" for i in range(1, 17)}
+    assert set(prunable) == expected
+    # A channel of block_5_expand that is zero after its ReLU6 for every input...
+    bn = model.get_layer("block_5_expand_BN")
+    gamma, beta, mean, variance = bn.get_weights()
+    gamma[7], beta[7] = 0.0, -5.0
+    bn.set_weights([gamma, beta, mean, variance])
+    x = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 3)).astype(np.float32)
+    scores = apoz(model, x, [prunable["block_5_expand"]])
+    assert scores["block_5_expand"][7] == 1.0
+    # ... is removed with its depthwise slice, and the outputs do not change.
+    keep = {name: list(range(c.channels)) for name, c in prunable.items()}
+    keep["block_5_expand"].remove(7)
+    pruned = prune_channels(model, keep)
+    assert pruned.get_layer("block_5_depthwise").get_weights()[0].shape[2] == 191
+    assert pruned.count_params() < model.count_params()
+    np.testing.assert_allclose(
+        np.asarray(pruned(x, training=False)), np.asarray(model(x, training=False)), atol=1e-5
+    )
