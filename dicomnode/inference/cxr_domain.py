@@ -6,11 +6,14 @@
 * :func:`apply_temperature` / :func:`fit_temperature`: temperature scaling of the
   softmax, fitted on validation logits (one scalar, minimum negative log-likelihood).
 * :class:`MahalanobisGate`: an out-of-distribution score on the model's pooled
-  features, fitted on training features (class means, one shared covariance shrunk
-  towards its diagonal); the score is the smallest squared Mahalanobis distance to a
-  class mean, and an image scoring above ``threshold`` is "outside the validated domain".
-  The threshold is a quantile of the *validation* scores, so a stated share of
-  in-domain images is flagged.
+  features, fitted on training features: the top principal directions of the training
+  features, class means and one shared covariance (shrunk towards its diagonal) in that
+  space. Two distances: the smallest squared Mahalanobis distance to a class mean inside
+  the subspace, and the squared residual off it (a blank, blurred or noise image lands
+  far *off* the subspace of chest films while its projection can look ordinary). Each is
+  divided by its quantile on the *validation* images; the score is the larger ratio and
+  an image scoring above 1 is "outside the validated domain", so about ``1 - quantile``
+  of in-domain images per distance are flagged.
 
 Everything here is numpy (and OpenCV for the equalisation), saved as a small ``.npz``
 beside the model, so inference needs no training code.
@@ -79,15 +82,17 @@ def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
 
 @dataclass
 class MahalanobisGate:
-    """PCA of training features, class means and a shared precision in that space, and a
-    threshold on the score."""
+    """PCA of training features, class means and a shared precision in that space, and
+    the validation scales of the two distances (see the module)."""
 
     centre: np.ndarray  # (d,) training feature mean
     basis: np.ndarray  # (d, k) principal directions
     means: np.ndarray  # (n_classes, k)
     precision: np.ndarray  # (k, k)
-    threshold: float = float("inf")
-    quantile: float = 0.0  # the validation quantile the threshold was set at
+    mahalanobis_scale: float = float("inf")
+    residual_scale: float = float("inf")
+    quantile: float = 0.0  # the validation quantile the scales were set at
+    threshold: float = 1.0  # a score above this is outside the domain
 
     @classmethod
     def fit(
@@ -110,19 +115,28 @@ class MahalanobisGate:
         shrunk += np.eye(len(shrunk)) * 1e-6 * float(np.trace(shrunk)) / len(shrunk)
         return cls(centre, basis, means, np.linalg.inv(shrunk))
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Smallest squared Mahalanobis distance to a class mean (PCA space) ."""
+    def distances(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(smallest squared Mahalanobis distance to a class mean in the subspace,
+        squared residual off the subspace), per row."""
         x = np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.centre
         z = x @ self.basis
-        distances = []
+        inside = []
         for mean in self.means:
             d = z - mean
-            distances.append(np.einsum("ij,jk,ik->i", d, self.precision, d))
-        return np.min(np.stack(distances, axis=1), axis=1)
+            inside.append(np.einsum("ij,jk,ik->i", d, self.precision, d))
+        residual = ((x - z @ self.basis.T) ** 2).sum(axis=1)
+        return np.min(np.stack(inside, axis=1), axis=1), residual
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """The larger of the two distances over its validation scale (> 1: outside)."""
+        inside, residual = self.distances(features)
+        return np.maximum(inside / self.mahalanobis_scale, residual / self.residual_scale)
 
     def set_threshold(self, validation_features: np.ndarray, quantile: float = 0.99) -> float:
-        """Threshold at the ``quantile`` of validation scores (in-domain images)."""
-        self.threshold = float(np.quantile(self.score(validation_features), quantile))
+        """Scale both distances by their ``quantile`` on validation (in-domain) images."""
+        inside, residual = self.distances(validation_features)
+        self.mahalanobis_scale = float(np.quantile(inside, quantile))
+        self.residual_scale = float(np.quantile(residual, quantile))
         self.quantile = quantile
         return self.threshold
 
@@ -136,8 +150,10 @@ class MahalanobisGate:
             f"{prefix}basis": self.basis.astype(np.float32),
             f"{prefix}means": self.means.astype(np.float32),
             f"{prefix}precision": self.precision.astype(np.float64),
-            f"{prefix}threshold": np.float64(self.threshold),
+            f"{prefix}mahalanobis_scale": np.float64(self.mahalanobis_scale),
+            f"{prefix}residual_scale": np.float64(self.residual_scale),
             f"{prefix}quantile": np.float64(self.quantile),
+            f"{prefix}threshold": np.float64(self.threshold),
         }
 
     @classmethod
@@ -147,8 +163,10 @@ class MahalanobisGate:
             basis=np.asarray(data[f"{prefix}basis"], dtype=np.float64),
             means=np.asarray(data[f"{prefix}means"], dtype=np.float64),
             precision=np.asarray(data[f"{prefix}precision"], dtype=np.float64),
-            threshold=float(data[f"{prefix}threshold"]),
+            mahalanobis_scale=float(data[f"{prefix}mahalanobis_scale"]),
+            residual_scale=float(data[f"{prefix}residual_scale"]),
             quantile=float(data[f"{prefix}quantile"]),
+            threshold=float(data[f"{prefix}threshold"]),
         )
 
 

@@ -133,20 +133,38 @@ def normals_called_covid(p: np.ndarray, table: Table, split: str) -> dict[str, t
     return out
 
 
+Member = tuple[np.ndarray, Config]
+
+
+def _mean_probabilities(
+    members: Sequence[Member], table: Table, train: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
+    """Mean of the ``members``' head probabilities on ``rows`` (heads fitted on ``train``)."""
+    return np.mean(
+        [fit_head(x, table, train, c).probabilities(x[rows]) for x, c in members], axis=0
+    )
+
+
 def loso_covid(
-    features: np.ndarray, table: Table, config: Config, split: str
+    members: Sequence[Member] | np.ndarray,
+    table: Table,
+    config: Config | None = None,
+    split: str = "val",
 ) -> dict[str, dict[str, Any]]:
     """Per left-out COVID-19 source: recall on its ``split`` images, and the normals of the
-    other hospitals called COVID-19 by that head (from its ``split``), with the
-    probabilities for bootstrap intervals."""
+    other hospitals called COVID-19 by that head (from its ``split``), with the per-image
+    outcomes for intervals. ``members`` is one feature matrix with ``config``, or a list of
+    (features, config) whose probabilities are averaged."""
+    if isinstance(members, np.ndarray):
+        assert config is not None
+        members = [(members, config)]
     out: dict[str, dict[str, Any]] = {}
     for left_out in COVID_SOURCES:
         train = table.mask("train") & (table.sources != left_out)
-        head = fit_head(features, table, train, config)
         covid = table.mask(split, left_out, (COVID,))
-        p_covid = head.probabilities(features[covid])
         normals = table.mask(split, labels=(NORMAL,)) & (table.sources != left_out)
-        p_norm = head.probabilities(features[normals])
+        p_covid = _mean_probabilities(members, table, train, covid)
+        p_norm = _mean_probabilities(members, table, train, normals)
         out[left_out] = {
             "recall": float((p_covid.argmax(axis=1) == COVID).mean()),
             "n_covid": int(covid.sum()),
@@ -160,16 +178,25 @@ def loso_covid(
 
 
 def criterion(
-    features: np.ndarray, table: Table, config: Config, split: str = "val"
+    members: Sequence[Member] | np.ndarray,
+    table: Table,
+    config: Config | None = None,
+    split: str = "val",
 ) -> tuple[float, dict[str, Any]]:
-    """:data:`SELECTION_RULE` on ``split`` for ``config`` (head fitted on train)."""
-    head = fit_head(features, table, table.mask("train"), config)
-    p = head.probabilities(features)
-    viral = fit_subtype_head(features, table, table.mask("train"), config.l2).probabilities(
-        features
-    )[:, 1]
+    """:data:`SELECTION_RULE` on ``split`` (heads fitted on train) for one feature matrix
+    with ``config`` or the probability mean of several (features, config) members."""
+    if isinstance(members, np.ndarray):
+        assert config is not None
+        members = [(members, config)]
+    train = table.mask("train")
+    everything = np.ones(len(table.y), dtype=bool)
+    p = _mean_probabilities(members, table, train, everything)
+    viral = np.mean(
+        [fit_subtype_head(x, table, train, c.l2).probabilities(x)[:, 1] for x, c in members],
+        axis=0,
+    )
     aucs = within_source_aucs(p, viral, table, split)
-    loso = loso_covid(features, table, config, split)
+    loso = loso_covid(members, table, split=split)
     called = normals_called_covid(p, table, split)
     worst = max(n / d for n, d in called.values() if d >= MIN_NORMALS)
     recall = float(np.mean([v["recall"] for v in loso.values()]))

@@ -103,11 +103,19 @@ def test_gate_flags_far_images_and_round_trips(tmp_path: Path) -> None:
     train[:, 0] += y * 3
     val = rng.normal(size=(400, 30))
     gate = MahalanobisGate.fit(train, y, components=10)
-    threshold = gate.set_threshold(val, 0.99)
-    assert np.isfinite(threshold)
-    assert gate.outside(val).mean() <= 0.02
+    assert gate.set_threshold(val, 0.99) == 1.0
+    assert np.isfinite(gate.mahalanobis_scale) and np.isfinite(gate.residual_scale)
+    assert gate.outside(val).mean() <= 0.025
     far = rng.normal(size=(50, 30)) + 8
     assert gate.outside(far).mean() == 1.0
+    # Off the training subspace but with an ordinary projection: the residual catches it.
+    directions = rng.normal(size=(5, 30))
+    directions -= directions @ gate.basis @ gate.basis.T
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    off = gate.centre + directions * 40
+    _, residual = gate.distances(off)
+    assert np.all(residual > gate.residual_scale)
+    assert gate.outside(off).all()
     domain = DomainModel(
         normalisation="equalise",
         temperature=1.7,
