@@ -54,6 +54,18 @@ ENSEMBLE_RULE = (
     "validation criterion exceeds the best single head's; otherwise the best single head"
 )
 BOOTSTRAP = 2000
+#: Issue 23's goals for the within-source AUCs, and its floor (a logistic regression on the
+#: frozen backbone's pooled features, equalised whole image, normal vs abnormal for NIH).
+GOALS = {
+    "nih_normal_vs_pneumonia": 0.85,
+    "kermany_normal_vs_pneumonia": 0.98,
+    "kermany_bacterial_vs_viral": 0.85,
+}
+FLOORS = {
+    "nih_normal_vs_pneumonia": "0.75-0.78",
+    "kermany_normal_vs_pneumonia": "0.98",
+    "kermany_bacterial_vs_viral": "0.75",
+}
 #: The shipped model's outputs on the assembled images, per weights checksum (git-ignored).
 EVAL_CACHE = REPO_ROOT / "build" / "cache" / "cxr-mobilenet-eval"
 OOD_QUANTILE = 0.99
@@ -516,29 +528,31 @@ def evaluate(model_dir: Path, data_dir: Path) -> dict[str, Any]:
     headline["kermany_bacterial_vs_viral"] = auc_interval(
         (table.subtypes[m] == "viral").astype(int), viral[m]
     )
-    goals = {
-        "nih_normal_vs_pneumonia": 0.85,
-        "kermany_normal_vs_pneumonia": 0.98,
-        "kermany_bacterial_vs_viral": 0.85,
-    }
     rows = []
     for name, v in headline.items():
-        met = v["ci95_low"] >= goals[name] if v["auc"] >= goals[name] else False
-        verdict = "met" if v["auc"] >= goals[name] else "MISSED"
+        goal, floor = GOALS[name], FLOORS[name]
+        verdict = "met" if v["auc"] >= goal else "MISSED"
+        if v["ci95_low"] >= goal:
+            verdict += " (whole interval above)"
+        elif v["ci95_high"] < goal:
+            verdict += " (whole interval below)"
         rows.append(
             [
                 name,
                 f"{v['auc']:.3f}",
                 f"{v['ci95_low']:.3f}-{v['ci95_high']:.3f}",
                 v["n"],
-                goals[name],
-                verdict + (" (interval clear)" if met else ""),
+                floor,
+                f"{goal:.2f}",
+                verdict,
             ]
         )
     tables.append(
         (
-            "Headline: within-source ROC AUC on held-out patients (95 % bootstrap)",
-            markdown_table(["comparison", "AUC", "95 % CI", "n", "goal", "goal"], rows),
+            "Headline: within-source ROC AUC on held-out patients (95 % bootstrap over images)",
+            markdown_table(
+                ["comparison", "AUC", "95 % CI", "n", "floor (issue 23)", "goal", "verdict"], rows
+            ),
         )
     )
     metrics["within_source"] = headline
@@ -884,6 +898,15 @@ def _limitations(metrics: dict[str, Any]) -> list[str]:
             f"called COVID-19 {v['other_normals_called_covid']:.3f}."
         )
     out += [
+        "Ensemble: the rule fixed before the test split (" + ENSEMBLE_RULE + ") had no "
+        "lung-crop head to combine (its features were not finished on this CPU), so one head "
+        "ships; 'ensemble >= best member' holds trivially. The seed members are not averaged "
+        "with it: they were trained on images that are in this model's validation and test "
+        "splits, so no honest comparison on this split exists.",
+        "The OOD gate flags 2 of the 4 readable chest DICOMs of dicom_cxr (the 169 x 211 "
+        "highdicom test image and torchxrayvision's fake MONOCHROME1 film; the two real NIH "
+        "and SIIM films pass), about 40 % of inverted and 30 % of 90-degree-rotated films "
+        "pass it: the routing and the MONOCHROME1 handling must stay in front of it.",
         "The backbone is frozen ImageNet MobileNetV2: no fine-tuning was run on this CPU.",
         "NIH labels are text-mined (about 90 % accurate); Kermany images are paediatric and "
         "squashed to 224 x 224.",
