@@ -35,6 +35,7 @@ from dicomnode.nets.classifiers import (
 )
 from dicomnode.nets.ct import DENSENET_GRADCAM_LAYER, densenet121_sigmoid
 from dicomnode.nets.detector import opacity_mobilenet
+from dicomnode.nets.mobilenet import MOBILENET_GRADCAM_LAYER, mobilenetv2_classifier
 from dicomnode.nets.segmentation import opacity_resnet
 from dicomnode.nets.small_cnn import SMALL_CNN_GRADCAM_LAYER, SMALL_CNN_LABELS, small_cnn
 from dicomnode.nets.unet import lung_unet, opacity_unet
@@ -51,6 +52,7 @@ ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "opacity_unet": opacity_unet,
     "densenet121_sigmoid": densenet121_sigmoid,
     "small_cnn": small_cnn,
+    "mobilenetv2_classifier": mobilenetv2_classifier,
 }
 
 #: Architecture name -> name of the layer Grad-CAM differentiates against (the deepest
@@ -62,6 +64,7 @@ GRADCAM_LAYERS: dict[str, str] = {
     "inceptionv3_classifier": INCEPTIONV3_GRADCAM_LAYER,
     "densenet121_sigmoid": DENSENET_GRADCAM_LAYER,
     "small_cnn": SMALL_CNN_GRADCAM_LAYER,
+    "mobilenetv2_classifier": MOBILENET_GRADCAM_LAYER,
 }
 
 
@@ -87,6 +90,7 @@ __all__ = [
     "densenet121_sigmoid",
     "inceptionv3_classifier",
     "lung_unet",
+    "mobilenetv2_classifier",
     "opacity_resnet",
     "opacity_unet",
     "small_cnn",

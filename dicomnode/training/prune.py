@@ -13,8 +13,10 @@ What this module prunes
 ``BatchNormalization -> ReLU`` pair right after them (the Inception-style units
 ``*_conv -> *_bn -> relu``), and whose channels reach only layers whose channel handling is
 known here: per-channel layers (BatchNormalization, ReLU/Activation, pooling, zero padding,
-dropout, global pooling), ``Concatenate`` along channels (the Inception blocks: the pruned
-branch's slice of the concatenation shrinks), and the consumers ``Conv2D`` (input channels
+dropout, global pooling, and a ``DepthwiseConv2D`` of depth multiplier 1, whose kernel is
+sliced on its channel axis: so the MobileNetV2 expansion convolutions ``block_*_expand``
+are prunable), ``Concatenate`` along channels (the Inception blocks: the pruned branch's
+slice of the concatenation shrinks), and the consumers ``Conv2D`` (input channels
 sliced) and ``Dense`` (input rows sliced). A convolution that feeds anything else (an
 ``Add``, a ``SeparableConv2D``, ...) is left whole. For the builders in
 :mod:`dicomnode.nets.classifiers` with the ``conv`` head that means every convolution of
@@ -154,6 +156,14 @@ def _is_relu(layer: keras.layers.Layer) -> bool:
     return False
 
 
+def _is_depthwise(layer: keras.layers.Layer) -> bool:
+    """A depthwise convolution with one output channel per input channel."""
+    return (
+        isinstance(layer, keras.layers.DepthwiseConv2D)
+        and layer.get_config().get("depth_multiplier", 1) == 1
+    )
+
+
 def _propagate(model: keras.Model, keep: dict[str, np.ndarray]) -> tuple[ChannelMap, dict]:
     """Channel maps of every tensor when convolution ``name`` keeps ``keep[name]``.
 
@@ -185,7 +195,7 @@ def _propagate(model: keras.Model, keep: dict[str, np.ndarray]) -> tuple[Channel
                     parts.append((np.arange(width) if m is None else m) + offset)
                     offset += width
                 out = np.concatenate(parts)
-        elif isinstance(layer, _PER_CHANNEL):
+        elif isinstance(layer, _PER_CHANNEL) or _is_depthwise(layer):
             out = in_maps[0]
         elif isinstance(layer, keras.layers.Dense):
             out = None
@@ -347,6 +357,9 @@ def prune_channels(
                 kernel = kernel[..., out]
             rest = [w if out is None else w[out] for w in weights[1:]]
             new = [kernel, *rest]
+        elif _is_depthwise(layer):
+            kernel = weights[0] if in_map is None else weights[0][:, :, in_map, :]
+            new = [kernel, *(w if in_map is None else w[in_map] for w in weights[1:])]
         elif isinstance(layer, keras.layers.BatchNormalization):
             new = [w if in_map is None else w[in_map] for w in weights]
         elif isinstance(layer, keras.layers.Dense):

@@ -146,9 +146,14 @@ def test_sigkill_while_receiving_and_while_processing_loses_nothing_and_runs_onc
                         Job.study_id == study_id
                     )
                 ).all()
-                # One analysis per completion: a study that completed on the instances received
-                # before a kill, and re-opened when the rest arrived, is analysed once more.
-                assert [j.status for j in jobs] == [JobStatus.DONE] * (reopened + 1), (uid, jobs)
+                # At most one analysis per completion: a study that completed on the instances
+                # received before a kill, and re-opened when the rest arrived, is analysed once
+                # more; unless its job was still queued (not yet run, or taken back from a
+                # killed worker) when the study re-opened: that job is discarded (index), so
+                # the study has fewer jobs than completions. Every job it has ran to the end.
+                statuses = [j.status for j in jobs]
+                assert 1 <= len(statuses) <= reopened + 1, (uid, reopened, jobs)
+                assert set(statuses) == {JobStatus.DONE}, (uid, jobs)
                 rows = session.execute(
                     select(Delivery.sop_instance_uid, Delivery.destination).where(
                         Delivery.study_id == study_id

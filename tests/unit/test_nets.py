@@ -76,9 +76,11 @@ TINY_CASES: list[tuple[str, dict[str, Any], str, tuple[int, ...]]] = [
         (1,),
     ),
     ("small_cnn", {"input_size": 64, "width": 2, "dense_units": 4}, "small_cnn", (1,)),
+    ("mobilenetv2_classifier", {"input_size": 32, "n_classes": 3}, "mobilenetv2_cxr", (3,)),
 ]
 TINY_IDS = [f"{arch}-{kwargs.get('head', 'default')}" for arch, kwargs, _, _ in TINY_CASES]
 SOFTMAX_ARCHITECTURES = {
+    "mobilenetv2_classifier",
     "vgg16_classifier",
     "vgg19_classifier",
     "inceptionv3_classifier",
