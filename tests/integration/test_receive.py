@@ -35,6 +35,7 @@ from support import (
     storescu,
 )
 
+#: Every test on both receive paths: the fast path and pynetdicom's stock code.
 pytestmark = pytest.mark.integration
 
 
@@ -510,7 +511,7 @@ def test_a_large_data_set_in_uneven_pdus_and_an_abort_inside_the_next(tmp_path: 
     serving."""
     from pynetdicom import AE
 
-    from dicomnode.receive.cstore import STAGING_BYTES
+    from dicomnode.receive.fastpath.cstore import STAGING_BYTES
 
     files = [make_instance(tmp_path / "in", rows=1024, columns=2048) for _ in range(2)]
     data = [dataset_bytes(path) for path in files]

@@ -21,10 +21,10 @@ Nothing here polls:
 * A C-STORE request arrives as P-DATA-TF PDUs: its command set, then the data
   set in fragments (a 10 MB radiograph in 64 KiB PDUs is 160 of them). In data
   transfer, :meth:`EventDrivenDUL._take_p_data` decodes the command
-  (:func:`~dicomnode.receive.cstore.decode_c_store_rq`) and stages the file meta
+  (:func:`~dicomnode.receive.fastpath.cstore.decode_c_store_rq`) and stages the file meta
   header; :meth:`EventDrivenDUL._receive_fragments` then reads each fragment
   from the socket straight into the data set's staging buffer
-  (:class:`~dicomnode.receive.cstore.IncomingDataSet` writes it out in chunks,
+  (:class:`~dicomnode.receive.fastpath.cstore.IncomingDataSet` writes it out in chunks,
   with direct I/O after the first). When
   the data set is complete and the association thread is idle, the DUL thread
   serves the request itself (pynetdicom's Storage SCP and our handler);
@@ -35,7 +35,7 @@ Nothing here polls:
   Every other message (C-ECHO, a command in several fragments, anything
   unexpected) goes to pynetdicom's DIMSE layer in order.
 * :class:`FastStoreResponseDIMSE` encodes the C-STORE response's command set
-  directly (:func:`~dicomnode.receive.cstore.encode_c_store_rsp`) instead of
+  directly (:func:`~dicomnode.receive.fastpath.cstore.encode_c_store_rsp`) instead of
   through a pydicom ``Dataset`` (0.4 ms per instance); anything else is sent by
   pynetdicom.
 
@@ -69,13 +69,13 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
-from dicomnode.receive.cstore import (
+from dicomnode.receive.dispatch import HandoffAssociationServer
+from dicomnode.receive.fastpath.cstore import (
     IncomingDataSet,
     StagingBuffers,
     decode_c_store_rq,
     encode_c_store_rsp,
 )
-from dicomnode.receive.dispatch import HandoffAssociationServer
 
 log = logging.getLogger("dicomnode.receive")
 
