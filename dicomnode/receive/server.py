@@ -170,6 +170,8 @@ class Receiver:
         if request_handler is None:
             request_handler = stock.StockRequestHandler
             handlers += stock.EVENT_HANDLERS
+            if not self.settings.receive.fast_path:
+                log.info("receive.fast_path is false: associations use pynetdicom's stock code")
         #: Whether associations are served by the fast path (False: pynetdicom's stock code).
         self.fast_path = request_handler is not stock.StockRequestHandler
         address = (self.settings.node.bind, self.settings.node.port)

@@ -7,7 +7,9 @@ index, Success only after fsync and the index). Only pynetdicom's public API is
 used: the request handler's ``handle`` (socketserver's), the association as a
 thread, and the ``EVT_CONN_OPEN`` / ``EVT_REQUESTED`` notification events.
 
-What the node adds, as on the fast path: a connection stops counting among its
+What the node adds, as on the fast path: the PDU length limits and deadlines
+(:class:`~dicomnode.receive.guard.GuardedSocket`, between pynetdicom and a
+connection without TLS); a connection stops counting among its
 peer's pending ones (:class:`~dicomnode.receive.dispatch.PendingConnectionLimit`)
 once its A-ASSOCIATE-RQ has arrived or it has ended, and a receiving process fed
 by a dispatcher counts its associations that ended. What the stock path does
@@ -25,6 +27,7 @@ from pynetdicom.events import Event
 from pynetdicom.transport import RequestHandler
 
 from dicomnode.receive.dispatch import HandoffAssociationServer
+from dicomnode.receive.guard import GuardedSocket
 
 #: The connection whose association the request handler's thread is starting:
 #: ``EVT_CONN_OPEN`` runs in that thread, before the association starts.
@@ -71,6 +74,18 @@ class StockRequestHandler(RequestHandler):
         def release() -> None:
             if release_pending is not None:
                 release_pending(request)
+
+        if server.ssl_context is None:
+            # pynetdicom reads the connection through the guard (limits, deadlines).
+            ae = server.ae
+            self.request = GuardedSocket(  # type: ignore[assignment]
+                request,
+                peer=str(self.client_address[0]),
+                max_pdu_size=int(ae.maximum_pdu_size or 2**32 - 1),
+                acse_timeout_s=float(ae.acse_timeout or 30),
+                network_timeout_s=float(ae.network_timeout or 60),
+                on_ended=release,
+            )
 
         _opening.release = release
         _opening.assoc = None
