@@ -104,6 +104,9 @@ class ReceiveSettings:
     shutdown_grace_s: float = 30.0
     #: Reject an A-ASSOCIATE-RQ whose Called AE Title is not ``node.ae_title``.
     check_called_ae_title: bool = True
+    #: Serve associations with the node's fast path (dicomnode/receive/fastpath/);
+    #: false: with pynetdicom's stock code (docs/receive.md, docs/security.md).
+    fast_path: bool = True
     tls: TLSSettings | None = None
 
 
@@ -606,6 +609,7 @@ def _parse_receive(root: _Reader, base_dir: Path) -> ReceiveSettings:
         dimse_timeout_s=r.number("dimse_timeout_s", float, d.dimse_timeout_s, 1),
         shutdown_grace_s=r.number("shutdown_grace_s", float, d.shutdown_grace_s, 0),
         check_called_ae_title=r.get("check_called_ae_title", bool, d.check_called_ae_title),
+        fast_path=r.get("fast_path", bool, d.fast_path),
         tls=_parse_tls(r, base_dir),
     )
     r.check_unknown()

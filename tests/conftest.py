@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import support
 from support import PostgresServer, pg_bin_dir
 
 # TensorFlow's start-up chatter (no GPU here, oneDNN notes) is noise in test output.
@@ -45,3 +46,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'index.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.create_database()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["fast_path", "stock_path"])
+def receive_path(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Run a module's nodes on the receive fast path, then on pynetdicom's stock path.
+
+    ``receive.fast_path`` of every configuration ``support.write_config`` writes meanwhile
+    (docs/receive.md); tests that need one path only skip on the other with the reason.
+    """
+    support.RECEIVE_FAST_PATH = request.param
+    try:
+        yield request.param
+    finally:
+        support.RECEIVE_FAST_PATH = True

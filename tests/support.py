@@ -208,16 +208,26 @@ def dataset_bytes(path: Path) -> bytes:
     return data[144 + group_length :]
 
 
+#: ``receive.fast_path`` of the configurations :func:`write_config` writes (unless a test
+#: sets it): the ``receive_path`` fixture (tests/conftest.py) runs a module on both paths.
+RECEIVE_FAST_PATH = True
+
+
 def write_config(folder: Path, port: int, **sections: dict[str, Any]) -> Path:
     """A node configuration for tests: loopback, a private data dir, short quiet periods.
 
     ``sections`` override or add keys per table, e.g. ``completion={"force_complete_s": 60}``.
+    ``receive.fast_path`` is :data:`RECEIVE_FAST_PATH` unless given.
     """
     config: dict[str, dict[str, Any]] = {
         "node": {"ae_title": "DICOMNODE", "port": port, "bind": "127.0.0.1", "data_dir": "data"},
         "database": {"url": ""},
         "storage": {"min_free_mb": 0},
-        "receive": {"allow_unknown_callers": False, "shutdown_grace_s": 10},
+        "receive": {
+            "allow_unknown_callers": False,
+            "shutdown_grace_s": 10,
+            "fast_path": RECEIVE_FAST_PATH,
+        },
         "completion": {"force_complete_s": 600, "check_interval_s": 0.2},
         "queue": {"poll_interval_s": 0.1, "heartbeat_interval_s": 0.5, "stalled_after_s": 3},
         "worker": {"processes": 0},

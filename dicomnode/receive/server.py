@@ -5,6 +5,11 @@ itself. With several (``receive.processes``), the main process listens and an
 :class:`~dicomnode.receive.dispatch.AssociationDispatcher` hands each
 connection to the least busy receiving process, whose :class:`Receiver` takes
 connections from its channel; several processes sidestep the GIL.
+
+Each association is served by the fast path (:mod:`dicomnode.receive.fastpath`,
+``receive.fast_path = true``) or by pynetdicom's stock code
+(:mod:`dicomnode.receive.stock`); the fast path falls back to the stock one
+when the installed pynetdicom is not a tested version.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode import metrics
 from dicomnode.config import Settings, TLSSettings
 from dicomnode.db import Database
+from dicomnode.receive import fastpath, stock
 from dicomnode.receive.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicomnode.receive.dispatch import (
     HandoffAssociationServer,
@@ -37,7 +43,6 @@ from dicomnode.receive.handlers import (
     handle_requested,
     handle_store,
 )
-from dicomnode.receive.reactor import EventDrivenRequestHandler
 from dicomnode.storage import InstanceStore
 
 log = logging.getLogger("dicomnode.receive")
@@ -146,6 +151,7 @@ class Receiver:
         self.on_channel_closed = on_channel_closed
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        self.fast_path = False
 
     def start(self) -> None:
         """Bind and start accepting associations in a background thread."""
@@ -160,6 +166,14 @@ class Receiver:
             (evt.EVT_ESTABLISHED, metrics.association_accepted),
             (evt.EVT_REJECTED, metrics.association_rejected),
         ]
+        request_handler = fastpath.request_handler(self.settings.receive.fast_path)
+        if request_handler is None:
+            request_handler = stock.StockRequestHandler
+            handlers += stock.EVENT_HANDLERS
+            if not self.settings.receive.fast_path:
+                log.info("receive.fast_path is false: associations use pynetdicom's stock code")
+        #: Whether associations are served by the fast path (False: pynetdicom's stock code).
+        self.fast_path = request_handler is not stock.StockRequestHandler
         address = (self.settings.node.bind, self.settings.node.port)
         tls = self.settings.receive.tls
         ssl_context = build_ssl_context(tls) if tls else None
@@ -182,7 +196,7 @@ class Receiver:
             address,
             evt_handlers=handlers,  # type: ignore[arg-type]
             ssl_context=ssl_context,
-            request_handler=EventDrivenRequestHandler,
+            request_handler=request_handler,
             **serving,
         )
         self.ae._servers.append(self._server)  # type: ignore[arg-type]

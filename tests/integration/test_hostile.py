@@ -42,7 +42,15 @@ from support import (
     write_config,
 )
 
+#: Every test on both receive paths: the fast path and pynetdicom's stock code.
+pytestmark = pytest.mark.usefixtures("receive_path")
+
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: docs/security.md, known limits of ``receive.fast_path = false``.
+STOCK_PATH_LEAVES_FILES = (
+    "receive.fast_path = false: pynetdicom's temporary file of a data set cut off by an "
+    "abort stays in incoming/ until the next start (docs/security.md, known limits)"
+)
 #: Where the tricklers come from: another loopback address than the allowed callers'
 #: (127.0.0.1), so the per-address limit on pending connections is what they meet.
 TRICKLER_ADDRESS = "127.0.0.2"
@@ -51,8 +59,9 @@ ECHO_TIMEOUTS = ("-to", "5", "-ta", "5", "-td", "5")
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    """The node on default receive settings, with the shipped two receiving processes."""
+def node(tmp_path_factory: pytest.TempPathFactory, receive_path: bool) -> Iterator[NodeProcess]:
+    """The node on default receive settings, with the shipped two receiving processes,
+    on the receive fast path and then on pynetdicom's stock path (``receive_path``)."""
     with running_node(tmp_path_factory.mktemp("hostile"), receive={"processes": 2}) as node:
         yield node
 
@@ -278,18 +287,32 @@ def test_03_tricklers_neither_lock_out_callers_nor_stay(node: NodeProcess) -> No
 
 
 def test_04_bare_connects_do_not_refuse_the_next_caller(node: NodeProcess) -> None:
-    """16 TCP connections opened and closed at once hold no association slot."""
+    """16 TCP connections opened and closed at once hold no association slot.
+
+    Closed connections stop counting among their address's pending ones when the node
+    reads their end; on two shared cores that can come after the next connect, which is
+    then closed by the per-address limit. So the caller tries again, at most 3 times in
+    about a second: a slot held by a bare connect would refuse it for acse_timeout_s (30).
+    """
     bare = [connect(node.port) for _ in range(16)]
     for sock in bare:
         sock.close()
-    run = echo(node.port)
+    for _ in range(3):
+        run = echo(node.port)
+        if run.returncode == 0:
+            break
+        time.sleep(0.5)
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_05_aborted_c_stores_leave_no_file(node: NodeProcess, tmp_path: Path) -> None:
+def test_05_aborted_c_stores_leave_no_file(
+    node: NodeProcess, tmp_path: Path, receive_path: bool
+) -> None:
     """Six C-STOREs cut off after part of their data set (A-ABORT, close, reset), three
     on the node's direct path (the command in one fragment) and three on pynetdicom's
     (the command in two): nothing is left in incoming/ 3 s later."""
+    if not receive_path:
+        pytest.skip(STOCK_PATH_LEAVES_FILES)
     path = make_instance(tmp_path, rows=512, columns=512, patient_name="Leftover^Patient")
     data = dataset_bytes(path)
     command = store_command(path, 1)
@@ -396,11 +419,16 @@ def test_no_worker_outlives_a_sigkilled_serve(tmp_path: Path) -> None:
             log.close()
 
 
-def test_a_pdu_that_trickles_is_cut_off_on_both_receive_paths(tmp_path: Path) -> None:
+def test_a_pdu_that_trickles_is_cut_off_on_both_receive_paths(
+    tmp_path: Path, receive_path: bool
+) -> None:
     """On an accepted association a PDU must be complete within network_timeout_s of its
     first byte, however often bytes arrive: inside a data set on the node's direct path
     (the command in one fragment) and on pynetdicom's (the command in two); the
-    connection is closed, its partial file removed, and the node keeps serving."""
+    connection is closed, its partial file removed, and the node keeps serving.
+    With ``receive.fast_path = false`` the guard cuts the PDU off the same way; only the
+    partial file stays (:data:`STOCK_PATH_LEAVES_FILES`), so that is checked on the fast
+    path only."""
     path = make_instance(tmp_path / "in")
     data = dataset_bytes(path)
     command = store_command(path, 1)
@@ -427,5 +455,6 @@ def test_a_pdu_that_trickles_is_cut_off_on_both_receive_paths(tmp_path: Path) ->
             assert closed_after is not None and closed_after < 3 + 2, closed_after
         assert "a PDU was not complete within receive.network_timeout_s" in node.log()
         time.sleep(1)
-        assert incoming_files(node) == []
+        if receive_path:
+            assert incoming_files(node) == []
         assert echo(node.port).returncode == 0

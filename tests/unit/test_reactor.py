@@ -18,15 +18,15 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from dicomnode.receive import cstore
-from dicomnode.receive.cstore import (
+from dicomnode.receive.fastpath import cstore
+from dicomnode.receive.fastpath.cstore import (
     IncomingDataSet,
     StagingBuffers,
     decode_c_store_rq,
     encode_c_store_rsp,
     file_meta_header,
 )
-from dicomnode.receive.reactor import _READ_AHEAD, BulkReadSocket
+from dicomnode.receive.fastpath.reactor import _READ_AHEAD, BulkReadSocket
 from dicomnode.storage import _SYNC_FILE_RANGE, fsync_file, start_writeback
 
 
@@ -366,7 +366,7 @@ def test_file_meta_header_equals_pydicoms(syntax: str) -> None:
 
 
 def test_message_queue_lets_the_dul_serve_only_when_the_association_is_idle() -> None:
-    from dicomnode.receive.reactor import MessageQueue
+    from dicomnode.receive.fastpath.reactor import MessageQueue
 
     messages = MessageQueue()
     assert messages.claim()  # idle: the DUL thread may serve a C-STORE itself

@@ -21,10 +21,10 @@ Nothing here polls:
 * A C-STORE request arrives as P-DATA-TF PDUs: its command set, then the data
   set in fragments (a 10 MB radiograph in 64 KiB PDUs is 160 of them). In data
   transfer, :meth:`EventDrivenDUL._take_p_data` decodes the command
-  (:func:`~dicomnode.receive.cstore.decode_c_store_rq`) and stages the file meta
+  (:func:`~dicomnode.receive.fastpath.cstore.decode_c_store_rq`) and stages the file meta
   header; :meth:`EventDrivenDUL._receive_fragments` then reads each fragment
   from the socket straight into the data set's staging buffer
-  (:class:`~dicomnode.receive.cstore.IncomingDataSet` writes it out in chunks,
+  (:class:`~dicomnode.receive.fastpath.cstore.IncomingDataSet` writes it out in chunks,
   with direct I/O after the first). When
   the data set is complete and the association thread is idle, the DUL thread
   serves the request itself (pynetdicom's Storage SCP and our handler);
@@ -35,7 +35,7 @@ Nothing here polls:
   Every other message (C-ECHO, a command in several fragments, anything
   unexpected) goes to pynetdicom's DIMSE layer in order.
 * :class:`FastStoreResponseDIMSE` encodes the C-STORE response's command set
-  directly (:func:`~dicomnode.receive.cstore.encode_c_store_rsp`) instead of
+  directly (:func:`~dicomnode.receive.fastpath.cstore.encode_c_store_rsp`) instead of
   through a pydicom ``Dataset`` (0.4 ms per instance); anything else is sent by
   pynetdicom.
 
@@ -69,51 +69,48 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
-from dicomnode.receive.cstore import (
+from dicomnode.receive.dispatch import HandoffAssociationServer
+from dicomnode.receive.fastpath.cstore import (
     IncomingDataSet,
     StagingBuffers,
     decode_c_store_rq,
     encode_c_store_rsp,
 )
-from dicomnode.receive.dispatch import HandoffAssociationServer
+from dicomnode.receive.guard import (
+    A_ASSOCIATE_RQ as _A_ASSOCIATE_RQ,
+)
+from dicomnode.receive.guard import (
+    ABORT_SOURCE_PROVIDER as _ABORT_SOURCE_PROVIDER,
+)
+from dicomnode.receive.guard import (
+    ABORT_UNEXPECTED_PARAMETER,
+    COMMAND_SET_LIMIT,
+    PDU_TOO_SLOW,
+    REQUEST_TOO_SLOW,
+    PeerLimitError,
+    check_pdu_length,
+    pdu_limit,
+)
+from dicomnode.receive.guard import (
+    P_DATA_TF as _P_DATA_TF,
+)
+from dicomnode.receive.guard import (
+    PDU_TYPES as _PDU_TYPES,
+)
 
 log = logging.getLogger("dicomnode.receive")
 
 #: How long the reactor blocks on the message queue before it checks for a
 #: release, an abort or a network timeout. A message wakes it at once.
 _QUEUE_WAIT_S = 0.005
-#: PDU types of PS3.8 9.3 (pynetdicom's reader refuses anything else).
-_PDU_TYPES = frozenset(range(0x01, 0x08))
-_P_DATA_TF = 0x04
 #: Bytes asked of the kernel per read (a few 64 KiB PDUs at a time).
 _READ_AHEAD = 256 * 1024
 #: Longest the DUL sleeps in ``select`` without a wake-up, to look at its ARTIM
 #: timer and kill flag (both also arrive with a wake-up; this is a safety net).
 _DUL_WAIT_S = 0.05
-_A_ASSOCIATE_RQ = 0x01
-#: Largest PDU read before the association request has arrived, and of any PDU
-#: other than P-DATA-TF (an A-ASSOCIATE-RQ with 128 presentation contexts of 20
-#: transfer syntaxes each is about 70 KB; A-RELEASE and A-ABORT are 10 bytes).
-CONTROL_PDU_LIMIT = 256 * 1024
-#: Bytes of one DIMSE command set, over its fragments, that pynetdicom may gather
-#: in memory (a C-STORE-RQ's is about 200 bytes).
-COMMAND_SET_LIMIT = 64 * 1024
-#: A-ABORT source and reasons (PS3.8 9.3.8): service-provider (A-P-ABORT),
-#: unexpected PDU parameter, invalid PDU parameter value.
-_ABORT_SOURCE_PROVIDER = 0x02
-ABORT_UNEXPECTED_PARAMETER = 0x05
-ABORT_INVALID_PARAMETER = 0x06
 #: How often the acceptor looks whether its connection ended while it waits for
 #: the association request.
 _REQUEST_POLL_S = 0.05
-
-
-class PeerLimitError(Exception):
-    """The peer broke a limit: the association is aborted (A-P-ABORT) with ``reason``."""
-
-    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def _split_pdvs(body: bytearray) -> list[tuple[int, memoryview]] | None:
@@ -444,9 +441,7 @@ class EventDrivenDUL(DULServiceProvider):
         log.warning(
             "closing the connection from %s: %s",
             _peer_address(self),
-            "its association request was not complete within receive.acse_timeout_s"
-            if self._awaiting_request
-            else "a PDU was not complete within receive.network_timeout_s",
+            REQUEST_TOO_SLOW if self._awaiting_request else PDU_TOO_SLOW,
         )
         if self._incoming is not None:
             self._incoming.discard()
@@ -475,27 +470,21 @@ class EventDrivenDUL(DULServiceProvider):
         return time.monotonic() + self._pdu_time_s
 
     def _pdu_limit(self, pdu_type: int) -> int:
-        """The largest length a PDU of ``pdu_type`` may declare now.
-
-        P-DATA-TF after the association request: the maximum length this node
-        announced in its A-ASSOCIATE-AC (``receive.max_pdu_size``; PS3.8 D.1
-        counts the PDU's variable field, which is what its length gives).
-        Anything else, or before the request: :data:`CONTROL_PDU_LIMIT`.
-        """
-        if pdu_type == _P_DATA_TF and not self._awaiting_request:
-            return int(self.assoc.acceptor.maximum_length or 2**32 - 1)
-        return CONTROL_PDU_LIMIT
+        """The largest length a PDU of ``pdu_type`` may declare now (:func:`pdu_limit`)."""
+        return pdu_limit(
+            pdu_type,
+            self._awaiting_request,
+            int(self.assoc.acceptor.maximum_length or 2**32 - 1),
+        )
 
     def _check_pdu_length(self, pdu_type: int, pdu_length: int) -> None:
         """Raise :class:`PeerLimitError` when ``pdu_length`` is over :meth:`_pdu_limit`."""
-        limit = self._pdu_limit(pdu_type)
-        if pdu_length > limit:
-            raise PeerLimitError(
-                f"PDU of type 0x{pdu_type:02X} declares {pdu_length} bytes, more than the "
-                f"{limit} allowed"
-                + (" (receive.max_pdu_size)" if pdu_type == _P_DATA_TF else "")
-                + (" before the association request" if self._awaiting_request else "")
-            )
+        check_pdu_length(
+            pdu_type,
+            pdu_length,
+            self._awaiting_request,
+            int(self.assoc.acceptor.maximum_length or 2**32 - 1),
+        )
 
     def _count_command_bytes(self, pdvs: list[tuple[int, memoryview]]) -> None:
         """Keep the command set pynetdicom gathers in memory under :data:`COMMAND_SET_LIMIT`."""
