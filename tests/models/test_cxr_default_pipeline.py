@@ -14,15 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicomnode.config import load_settings
+from dicomnode.config import OutputSettings, load_settings
 from dicomnode.imaging import to_uint8
 from dicomnode.inference.cxr_domain import DomainModel
 from dicomnode.pipelines.cxr import CXRPipeline
 from dicomnode.pipelines.types import OUTSIDE_DOMAIN, StudyInput
+from dicomnode.results.encode import encode_cxr
 from dicomnode.training.cxr_features import model_input
 from tests.support import dicom_files, instance_inputs, make_instance, shared_data
 
 REPO = Path(__file__).resolve().parents[2]
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +89,14 @@ def test_noise_image_is_outside_the_validated_domain(pipeline: CXRPipeline, tmp_
     # must not.
     path = make_instance(
         tmp_path,
+        study_uid="1.2.826.0.1.3680043.10.999.7",
         modality="CR",
         rows=512,
         columns=512,
         extra={"ViewPosition": "PA"},
     )
-    outcome = pipeline.run(StudyInput("1.2.3", instance_inputs([path])))
+    study = StudyInput("1.2.826.0.1.3680043.10.999.7", instance_inputs([path]))
+    outcome = pipeline.run(study)
     [image] = outcome.analysis.images
     assert image.outside_domain, image.domain_score
     assert image.domain_score is not None and image.domain_score > 1.0
@@ -98,3 +104,8 @@ def test_noise_image_is_outside_the_validated_domain(pipeline: CXRPipeline, tmp_
     assert image.boxes == [] and not image.abnormal
     assert outcome.note is not None and OUTSIDE_DOMAIN in outcome.note
     assert outcome.summary["images"][0]["outside_domain"] is True
+    # The results: an SR saying so, no heat-map SC and no GSPS presenting a finding.
+    objects = encode_cxr(outcome.analysis, study, OutputSettings())
+    classes = [o.sop_class_uid for o in objects]
+    assert COMPREHENSIVE_3D_SR in classes
+    assert SECONDARY_CAPTURE not in classes and GSPS not in classes
