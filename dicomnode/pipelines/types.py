@@ -53,6 +53,7 @@ class InstanceInput:
     columns: int | None
     series_description: str | None = None
     view_evidence: str | None = None
+    study_description: str | None = None
     relative_path: str | None = None
     """The file's path relative to the data directory (how messages name it)."""
 
