@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -282,6 +283,34 @@ class CXRPipeline:
             classes=list(self.specs[self.settings.members[0]].classes),
             operating_points=dict(self.operating_points),
         )
+
+    def analyse_images(self, images: Sequence[tuple[str, Image8]]) -> list[CXRImageResult]:
+        """The job's steps after decoding (lung mask, classifiers, gate, operating points,
+        boxes, Grad-CAM) on already decoded images, each named by ``name`` (reported as its
+        SOP Instance UID); no routing. ``dicomnode validate`` runs labelled files through it."""
+        items = [
+            (
+                InstanceInput(
+                    path=Path(name),
+                    sop_instance_uid=name,
+                    sop_class_uid="",
+                    series_instance_uid="",
+                    modality=None,
+                    body_part_examined=None,
+                    view_position=None,
+                    image_type=None,
+                    rows=image.Rows,
+                    columns=image.Columns,
+                ),
+                image,
+            )
+            for name, image in images
+        ]
+        timer = _Timer()
+        results: list[CXRImageResult] = []
+        for batch in _batches(items, self.settings.batch_size):
+            results += self._analyse_batch(batch, timer)
+        return results
 
     def _findings(self, probabilities: dict[str, float]) -> dict[str, bool]:
         """Present/Absent per class at the operating points (none without them)."""
