@@ -3,8 +3,9 @@
 What a hospital runs on its own labelled cases before it trusts the node. The labelled
 files (DICOM, PNG or JPEG, listed in a CSV with columns ``path,label``, paths relative to
 ``--images``) go through the node's own CXR pipeline, built from the node's configuration
-exactly as a worker builds it (:class:`dicomnode.pipelines.cxr.CXRPipeline`, the same
-decoding, lung mask, classifiers, out-of-domain gate, operating points and boxes; no
+exactly as a worker builds it (:class:`dicomnode.pipelines.cxr.CXRPipeline`: the same
+decoding of DICOM files, :func:`dicomnode.imaging.to_uint8`, PNG/JPEG by their luminance;
+the same lung mask, classifiers, out-of-domain gate, operating points and boxes; no
 routing: the site chose the images). Written to ``--out``:
 
 * ``predictions.csv``: ``path``, ``label``, one ``p_<class>`` column per class, the
@@ -35,6 +36,8 @@ from dicomnode.errors import DicomNodeError
 
 #: Images per pipeline call.
 CHUNK = 16
+#: Files read as pictures (PNG/JPEG); any other file is decoded as DICOM, as the node does.
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class ValidateError(DicomNodeError):
@@ -91,7 +94,7 @@ def run_validation(
     """Run ``pipeline`` (a loaded CXR pipeline) on the labelled files; write the outputs."""
     from tqdm.auto import tqdm
 
-    from dicomnode.imaging import Image8
+    from dicomnode.imaging import Image8, ImageDecodeError, to_uint8
     from dicomnode.training import TrainingError
     from dicomnode.training.data import read_grey
 
@@ -119,8 +122,12 @@ def run_validation(
         label_of = dict(chunk)
         for name, _ in chunk:
             try:
+                if Path(name).suffix.lower() not in PICTURE_SUFFIXES:
+                    # DICOM (any name): the node's own decoder, as a job decodes.
+                    decoded.append((name, to_uint8(images / name)))
+                    continue
                 grey = read_grey(images / name)
-            except (TrainingError, OSError, ValueError) as exc:
+            except (TrainingError, ImageDecodeError, OSError, ValueError) as exc:
                 result.problems.append(Problem(name, f"unreadable image: {exc}"))
                 continue
             decoded.append(

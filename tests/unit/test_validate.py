@@ -60,6 +60,7 @@ def test_constructed_set_with_bad_rows(pipeline: CXRPipeline, tmp_path: Path) ->
     for i in range(6):
         _write_png(images / "png" / f"{i}.png", i)
     dicom = make_instance(images / "dcm", modality="CR", rows=96, columns=80)
+    dicom = dicom.rename(dicom.with_suffix(""))  # a DICOM file without an extension
     (images / "broken.png").write_bytes(b"not an image at all")
     labels = tmp_path / "labels.csv"
     rows = [(f"png/{i}.png", ("normal", "covid19", "bacterial")[i % 3]) for i in range(6)]
