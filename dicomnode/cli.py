@@ -97,6 +97,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--connect", action="store_true", help="also C-ECHO every [[destinations]] entry"
     )
 
+    validate = sub.add_parser(
+        "validate",
+        parents=[common],
+        help="site acceptance test: run the node's CXR pipeline on labelled images",
+        description="Run the configured CXR pipeline on the DICOM/PNG/JPEG files listed in a "
+        "CSV (path,label; paths relative to --images); write predictions.csv and report.md "
+        "(ROC, reliability, sensitivity/specificity at the operating points, confusion table).",
+    )
+    validate.add_argument("--images", type=Path, required=True, metavar="DIR")
+    validate.add_argument("--labels", type=Path, required=True, metavar="CSV")
+    validate.add_argument("--out", type=Path, required=True, metavar="DIR")
+    validate.add_argument("--no-progress", action="store_true", help="no progress bar")
     db = sub.add_parser("db", parents=[common], help="database tools")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser("upgrade", parents=[common], help="apply database migrations")
@@ -324,6 +336,19 @@ def _cmd_requeue(settings: Settings, study_uid: str | None, failed: bool) -> int
     return EXIT_OK
 
 
+def _cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
+    from dicomnode.training.validate import validate
+
+    result = validate(settings, args.images, args.labels, args.out, progress=not args.no_progress)
+    print(
+        f"{len(result.rows)} images analysed, {len(result.problems)} not usable; "
+        f"report: {args.out / 'report.md'}"
+    )
+    for problem in result.problems:
+        print(f"  {problem.path}: {problem.reason}", file=sys.stderr)
+    return EXIT_OK if result.rows else EXIT_ERROR
+
+
 def _config_invalid(path: Path, exc: ConfigError) -> int:
     """Print every problem with its key path; the exit code of an invalid configuration."""
     print(f"dicomnode: {path}: configuration is invalid:", file=sys.stderr)
@@ -360,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "echo":
             return _cmd_echo(settings, args.name)
+        if args.command == "validate":
+            return _cmd_validate(settings, args)
         if args.command == "send":
             return _cmd_send(args, settings)
         if args.command in ("requeue", "reprocess"):

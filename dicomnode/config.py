@@ -138,6 +138,32 @@ class RoutingSettings:
     lateral_views: tuple[str, ...] = ("LL", "RL", "LLD", "RLD", "LAT", "LATERAL")
     lateral_words: tuple[str, ...] = ("LAT", "LATERAL", "LL", "RL")
     """Words in SeriesDescription or ImageType that mark a view-less image as lateral."""
+    chest_words: tuple[str, ...] = ("CHEST", "THORAX", "THX", "LUNG", "LUNGS", "PULMONARY")
+    """Study or series description words that say chest (they win over ``non_chest_words``)."""
+    non_chest_words: tuple[str, ...] = (
+        "TEETH",
+        "TOOTH",
+        "DENTAL",
+        "PANORAMIC",
+        "PANO",
+        "OPG",
+        "ORTHOPANTOMOGRAM",
+        "SKULL",
+        "SINUS",
+        "SINUSES",
+        "MANDIBLE",
+        "ABDOMEN",
+        "PELVIS",
+        "KNEE",
+        "HIP",
+        "HAND",
+        "WRIST",
+        "FOOT",
+        "ANKLE",
+        "SPINE",
+    )
+    """Study or series description words that mark a radiograph with no BodyPartExamined
+    as not chest (a dental panoramic CR says "TEETH")."""
 
 
 @dataclass(frozen=True)
@@ -779,6 +805,8 @@ def _parse_routing(root: _Reader) -> RoutingSettings:
         "frontal_views",
         "lateral_views",
         "lateral_words",
+        "chest_words",
+        "non_chest_words",
     ):
         default = getattr(d, name)
         raw = r.get(name, list, list(default))

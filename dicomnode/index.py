@@ -46,6 +46,7 @@ class InstanceMeta:
     NumberOfFrames: int | None = None
     InstanceNumber: int | None = None
     SeriesDescription: str | None = None
+    StudyDescription: str | None = None
     SeriesNumber: int | None = None
     PatientID: str | None = None
     AccessionNumber: str | None = None
@@ -174,6 +175,7 @@ def _study_row(
             "patient_id": meta.PatientID,
             "accession_number": meta.AccessionNumber,
             "study_date": meta.StudyDate,
+            "study_description": meta.StudyDescription,
             "state": StudyState.RECEIVING,
             "first_received_at": now,
             "last_received_at": now,

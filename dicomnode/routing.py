@@ -1,7 +1,8 @@
 """Routing: which instances of a study a pipeline analyses, and why the others are skipped.
 
 Rules are declarative (``[routing]`` and ``[ct.selection]`` in the configuration).
-Chest X-ray routing looks only at index tags, so it never opens a file; CT series
+Chest X-ray routing looks only at index tags (a radiograph without BodyPartExamined is
+judged by its study and series descriptions too), so it never opens a file; CT series
 selection also reads slice headers (no pixel data) for orientation and position.
 Every skipped instance (or CT series) gets a coded reason that ``dicomnode status`` shows.
 """
@@ -76,6 +77,12 @@ def classify_cxr(instance: InstanceInput, rules: RoutingSettings) -> Skipped | N
     body_part = (instance.body_part_examined or "").upper()
     if body_part and body_part not in rules.chest_body_parts:
         return Skipped(uid, NOT_CHEST, f"BodyPartExamined {body_part}")
+    if not body_part:
+        # No body part: the study's and the series' descriptions may say what was imaged.
+        described = _words(instance.study_description) | _words(instance.series_description)
+        other = described & set(rules.non_chest_words)
+        if other and not described & set(rules.chest_words):
+            return Skipped(uid, NOT_CHEST, f"description says {sorted(other)[0]}")
     view = (instance.view_position or "").upper()
     if view in rules.lateral_views:
         return Skipped(uid, LATERAL_VIEW, f"ViewPosition {view}")

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from dicomnode import metrics
 from dicomnode.config import Settings
-from dicomnode.db import Database, Instance, Series
+from dicomnode.db import Database, Instance, Series, Study
 from dicomnode.errors import is_retryable
 from dicomnode.outcome import describe
 from dicomnode.pipelines import InstanceInput, Pipeline, ResultObject, StudyInput
@@ -56,8 +56,14 @@ def load_study(db: Database, store: InstanceStore, job: ClaimedJob) -> StudyInpu
     validate_uid(job.study_instance_uid, "StudyInstanceUID")
     with db.read() as session:
         rows = session.execute(
-            select(Instance, Series.series_instance_uid, Series.series_description)
+            select(
+                Instance,
+                Series.series_instance_uid,
+                Series.series_description,
+                Study.study_description,
+            )
             .join(Series, Series.id == Instance.series_id)
+            .join(Study, Study.id == Instance.study_id)
             .where(Instance.study_id == job.study_id)
             .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
         ).all()
@@ -77,9 +83,10 @@ def load_study(db: Database, store: InstanceStore, job: ClaimedJob) -> StudyInpu
                 columns=inst.columns,
                 series_description=description,
                 view_evidence=inst.view_evidence,
+                study_description=study_description,
                 relative_path=f"{store.root.name}/{inst.path}",
             )
-            for inst, series_uid, description in rows
+            for inst, series_uid, description, study_description in rows
             if validate_uid(inst.sop_instance_uid, "SOPInstanceUID")
         ),
     )

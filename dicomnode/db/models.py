@@ -111,6 +111,8 @@ class Study(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64))
     accession_number: Mapped[str | None] = mapped_column(String(64))
     study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    """StudyDescription of the study's first instance (routing reads it)."""
     state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())

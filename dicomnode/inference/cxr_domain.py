@@ -28,8 +28,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-#: The normalisations the training compared (decided on validation).
-NORMALISATIONS = ("none", "equalise")
+from dicomnode.inference.registry import NORMALISATIONS
+
+__all__ = ["NORMALISATIONS", "DomainModel", "MahalanobisGate", "model_input", "normalise_intensity"]
 
 
 def normalise_intensity(grey: np.ndarray, method: str = "equalise") -> np.ndarray:
@@ -41,6 +42,24 @@ def normalise_intensity(grey: np.ndarray, method: str = "equalise") -> np.ndarra
     if method == "equalise":
         return cv2.equalizeHist(grey)
     raise ValueError(f"unknown normalisation {method!r}; known: {', '.join(NORMALISATIONS)}")
+
+
+def model_input(
+    grey: np.ndarray,
+    size: int | tuple[int, int],
+    normalise: str,
+    scale: float = 1 / 255,
+    channels: int = 3,
+) -> np.ndarray:
+    """Grey ``uint8`` image (already cropped if wanted) -> the network's input,
+    ``(height, width, channels)`` float32: :func:`normalise_intensity`, resized (area) to
+    ``size``, repeated on ``channels`` and multiplied by ``scale``. Training
+    (:mod:`dicomnode.training.cxr_features`) and the node's pipeline both call this."""
+    height, width = (size, size) if isinstance(size, int) else size
+    pixels = cv2.resize(
+        normalise_intensity(grey, normalise), (width, height), interpolation=cv2.INTER_AREA
+    )
+    return np.repeat(pixels.astype(np.float32)[..., None] * np.float32(scale), channels, axis=-1)
 
 
 # ------------------------------------------------------------------------ calibration
@@ -219,6 +238,15 @@ class DomainModel:
                     zip(names, (float(v) for v in data["operating_point_values"]), strict=True)
                 ),
             )
+
+    def findings(self, probabilities: dict[str, float]) -> dict[str, bool]:
+        """Post-process: each class with an operating point, Present (True) when its
+        calibrated probability is at or above that point."""
+        return {
+            name: float(probabilities[name]) >= point
+            for name, point in self.operating_points.items()
+            if name in probabilities
+        }
 
     def viral_probability(self, pooled: np.ndarray) -> np.ndarray:
         """P(viral | pneumonia) from pooled features (the subtype head)."""

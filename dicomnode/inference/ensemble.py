@@ -1,4 +1,5 @@
-"""The classifier ensemble step: pre-process (lung crops to the members' input),
+"""The classifier ensemble step: pre-process (lung crops or whole images to the members'
+input, :func:`dicomnode.inference.cxr_domain.model_input`),
 predict (every member), post-process (combine the members' probabilities).
 
 The pipeline (:mod:`dicomnode.pipelines.cxr`), the CXR recipe's evaluation and the
@@ -12,22 +13,33 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dicomnode.config import ENSEMBLE_STRATEGIES
+from dicomnode.inference.cxr_domain import model_input
 from dicomnode.inference.registry import ModelSpec
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def classifier_input(crops: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
-    """Pre-process: grey ``uint8`` lung crops (at the member's input size) to the
-    members' input, ``(images, h, w, channels)`` float32 scaled by the manifest's ``scale``,
-    grey repeated to the manifest's channels."""
-    grey = np.stack(crops).astype(np.float32)[..., None] * spec.scale
-    return np.repeat(grey, spec.channels, axis=-1)
+def classifier_input(images: Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
+    """Pre-process: grey ``uint8`` images (the lung crops for a ``crop = "lung"`` member,
+    the whole images for ``crop = "whole"``) to the member's input,
+    ``(images, h, w, channels)`` float32: the manifest's ``normalisation``, resized (area)
+    to its input size, scaled by its ``scale``, grey repeated to its channels
+    (:func:`~dicomnode.inference.cxr_domain.model_input`, which training calls too)."""
+    return np.stack(
+        [
+            model_input(grey, spec.input_size, spec.normalisation, spec.scale, spec.channels)
+            for grey in images
+        ]
+    )
 
 
-def predict_members(x: np.ndarray, members: Sequence[Predict]) -> np.ndarray:
-    """Predict: every member on the same input, ``(members, images, classes)``."""
-    return np.stack([np.asarray(member(x)) for member in members])
+def predict_members(x: np.ndarray | Sequence[np.ndarray], members: Sequence[Predict]) -> np.ndarray:
+    """Predict: every member on its input (one array for all, or one per member),
+    ``(members, images, classes)``."""
+    inputs = [x] * len(members) if isinstance(x, np.ndarray) else list(x)
+    if len(inputs) != len(members):
+        raise ValueError(f"{len(members)} members but {len(inputs)} inputs")
+    return np.stack([np.asarray(member(xi)) for member, xi in zip(members, inputs, strict=True)])
 
 
 def combine(

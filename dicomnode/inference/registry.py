@@ -65,6 +65,12 @@ class ModelSpec:
     channels: int
     scale: float
     classes: tuple[CodedClass, ...] = ()
+    crop: str = "lung"
+    """What a radiograph classifier sees: ``[input] crop``, ``lung`` (the node's lung
+    crop, the default) or ``whole`` (the whole image)."""
+    normalisation: str = "none"
+    """``[input] normalisation`` of the grey image before resizing (see
+    :data:`NORMALISATIONS`)."""
     ensemble_weight: float | None = None
     gradcam_layer: str | None = None
     threshold: float | None = None
@@ -80,6 +86,12 @@ class ModelSpec:
     def class_names(self) -> list[str]:
         """Class names in output order."""
         return [c.name for c in self.classes]
+
+
+#: ``[input] crop`` values: the lung crop or the whole image.
+INPUT_CROPS = ("lung", "whole")
+#: ``[input] normalisation`` values: none, or histogram equalisation of the grey image.
+NORMALISATIONS = ("none", "equalise")
 
 
 def _need(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -139,6 +151,17 @@ def read_manifest(path: Path) -> ModelSpec:
     if task in ("classifier", "stacking") and len(classes) < 2:
         raise ModelError(f"{where}: a {task} needs its [[classes]] in output order")
     window = _window(inputs, task, where)
+    crop_kind = inputs.get("crop", "lung")
+    if crop_kind not in INPUT_CROPS:
+        raise ModelError(
+            f"{where}: [input] 'crop' must be one of {', '.join(INPUT_CROPS)}, got {crop_kind!r}"
+        )
+    normalisation = inputs.get("normalisation", "none")
+    if normalisation not in NORMALISATIONS:
+        raise ModelError(
+            f"{where}: [input] 'normalisation' must be one of {', '.join(NORMALISATIONS)}, "
+            f"got {normalisation!r}"
+        )
     threshold = data.get("threshold")
     if threshold is not None and (
         isinstance(threshold, bool)
@@ -168,6 +191,8 @@ def read_manifest(path: Path) -> ModelSpec:
         channels=channels,
         scale=float(inputs.get("scale", 1 / 255)),
         classes=classes,
+        crop=crop_kind,
+        normalisation=normalisation,
         ensemble_weight=float(weight) if weight is not None else None,
         gradcam_layer=data.get("gradcam", {}).get("layer"),
         threshold=float(threshold) if threshold is not None else None,

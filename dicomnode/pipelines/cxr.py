@@ -6,10 +6,16 @@ over the study's images:
 1. decode to the 8-bit grey image (:func:`dicomnode.imaging.to_uint8`);
 2. lung mask: resize to the U-Net's input, /255, predict, threshold 0.5, keep the two
    largest components (the lungs);
-3. lung crop: the mask's extent relaxed by 5 % per side, mapped to source pixels, cut
-   from the source image and resized to the classifiers' input, grey repeated to 3 channels;
+3. each member's input (its manifest's ``[input] crop``): the lung crop (the mask's
+   extent relaxed by 5 % per side, mapped to source pixels, cut from the source image) or
+   the whole image; then its ``normalisation``, resized (area) to its input, scaled,
+   grey repeated to 3 channels (:func:`dicomnode.inference.cxr_domain.model_input`);
 4. ensemble: every member predicts; combined by the configured strategy (weighted
    average with the manifests' weights by default, or mean, majority vote, stacking);
+   a member with a ``domain.npz`` (:class:`~dicomnode.inference.cxr_domain.DomainModel`)
+   also gives its pooled features to the out-of-domain gate (an image scoring above the
+   gate's threshold is "outside the validated domain": no findings, no boxes), and, when
+   it is the only member, its operating points (each class Present at or above its own);
 5. opacity boxes, only when the study looks abnormal (1 - P(normal) above a threshold):
    from the detector's probability map (threshold, connected components, one box per
    component, confidence = mean probability), kept inside the lungs; without a detector,
@@ -30,6 +36,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +45,7 @@ from dicomnode import metrics
 from dicomnode.config import CXRSettings, RoutingSettings
 from dicomnode.errors import ConfigError
 from dicomnode.imaging import Image8, ImageDecodeError, to_uint8
+from dicomnode.inference.cxr_domain import DOMAIN_FILE, DomainModel
 from dicomnode.inference.detector import (
     BoxSettings,
     boxes_from_detector,
@@ -46,6 +54,7 @@ from dicomnode.inference.detector import (
     source_lungs,
 )
 from dicomnode.inference.ensemble import classifier_input, combine, predict_members
+from dicomnode.inference.geometry import Box
 from dicomnode.inference.gradcam import GradCAM
 from dicomnode.inference.lung import lung_crop, lung_masks
 from dicomnode.inference.predict import Predictor
@@ -112,6 +121,10 @@ class CXRPipeline:
         self.weights: list[float] | None = None
         self.box_settings = BoxSettings()
         self.device = "not loaded"
+        self.domains: dict[str, DomainModel] = {}
+        """Members with a ``domain.npz``: their out-of-domain gate (on pooled features)."""
+        self.operating_points: dict[str, float] = {}
+        """Each class's Present threshold (the single member's documented operating points)."""
         # Keras models and the Grad-CAM tape are not safe to call from two threads at
         # once; the worker threads share this pipeline, so model calls take turns.
         self._model_lock = threading.Lock()
@@ -138,6 +151,13 @@ class CXRPipeline:
         for name in names:
             self.models[name] = load_model(self._spec(name), mixed)
             self.predictors[name] = Predictor(self.models[name])
+        for name in s.members:
+            folder = self.settings.models_dir / name
+            if (folder / DOMAIN_FILE).is_file():
+                self._load_domain(name, folder)
+        if len(s.members) == 1 and s.members[0] in self.domains:
+            # Operating points describe one model's calibrated outputs, not an average.
+            self.operating_points = dict(self.domains[s.members[0]].operating_points)
         if s.detector:
             try:
                 self.box_settings = BoxSettings.from_table(self.specs[s.detector].postprocess)
@@ -175,6 +195,27 @@ class CXRPipeline:
         self._warm_up()
         log.info("cxr pipeline ready on %s: %s", self.device, ", ".join(names))
 
+    def _load_domain(self, name: str, folder: Any) -> None:
+        """The member's out-of-domain gate: its ``domain.npz`` and a second model giving
+        the pooled features the gate was fitted on (same weights)."""
+        from dicomnode.nets.mobilenet import POOLED_FEATURES_LAYER, pooled_feature_model
+
+        try:
+            domain = DomainModel.load(folder)
+            features = pooled_feature_model(self.models[name])
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(
+                [
+                    (
+                        "cxr.members",
+                        f"{name!r}: its {DOMAIN_FILE} needs a {POOLED_FEATURES_LAYER!r} "
+                        f"layer and readable arrays: {exc}",
+                    )
+                ]
+            ) from None
+        self.domains[name] = domain
+        self.predictors[f"{name}:{POOLED_FEATURES_LAYER}"] = Predictor(features)
+
     def _warm_up(self) -> None:
         """One prediction per model (its one trace, valid for every batch size), so the
         first study does not pay for graph building."""
@@ -186,6 +227,17 @@ class CXRPipeline:
             else:
                 shape = (1, *spec.input_size, spec.channels)
             self.predictors[name](np.zeros(shape, np.float32))
+        for name in self.domains:
+            spec = self.specs[name]
+            self.predictors[self._features_key(name)](
+                np.zeros((1, *spec.input_size, spec.channels), np.float32)
+            )
+
+    @staticmethod
+    def _features_key(name: str) -> str:
+        from dicomnode.nets.mobilenet import POOLED_FEATURES_LAYER
+
+        return f"{name}:{POOLED_FEATURES_LAYER}"
 
     def models_used(self) -> list[ModelUsed]:
         return [
@@ -229,7 +281,42 @@ class CXRPipeline:
             strategy=self.settings.strategy,
             timings=timer.seconds,
             classes=list(self.specs[self.settings.members[0]].classes),
+            operating_points=dict(self.operating_points),
         )
+
+    def analyse_images(self, images: Sequence[tuple[str, Image8]]) -> list[CXRImageResult]:
+        """The job's steps after decoding (lung mask, classifiers, gate, operating points,
+        boxes, Grad-CAM) on already decoded images, each named by ``name`` (reported as its
+        SOP Instance UID); no routing. ``dicomnode validate`` runs labelled files through it."""
+        items = [
+            (
+                InstanceInput(
+                    path=Path(name),
+                    sop_instance_uid=name,
+                    sop_class_uid="",
+                    series_instance_uid="",
+                    modality=None,
+                    body_part_examined=None,
+                    view_position=None,
+                    image_type=None,
+                    rows=image.Rows,
+                    columns=image.Columns,
+                ),
+                image,
+            )
+            for name, image in images
+        ]
+        timer = _Timer()
+        results: list[CXRImageResult] = []
+        for batch in _batches(items, self.settings.batch_size):
+            results += self._analyse_batch(batch, timer)
+        return results
+
+    def _findings(self, probabilities: dict[str, float]) -> dict[str, bool]:
+        """Present/Absent per class at the operating points (none without them)."""
+        if not self.operating_points:
+            return {}
+        return self.domains[self.settings.members[0]].findings(probabilities)
 
     def _predict(self, name: str, batch: np.ndarray) -> np.ndarray:
         with self._model_lock, metrics.inference(name):
@@ -248,16 +335,35 @@ class CXRPipeline:
         timer.add("lung_mask", started)
 
         started = time.perf_counter()
-        member_spec = self.specs[s.members[0]]
-        size = member_spec.input_size[1]  # square input (the seed: 256 x 256)
+        lung_members = [m for m in s.members if self.specs[m].crop == "lung"]
+        size = self.specs[(lung_members or s.members)[0]].input_size[1]
         crops = [
             lung_crop(img.pixels, mask, size) for (_, img), mask in zip(batch, masks, strict=True)
         ]
-        x = classifier_input([pixels for _, pixels, _ in crops], member_spec)
+        inputs: dict[str, np.ndarray] = {}
+        for m in s.members:
+            spec = self.specs[m]
+            views = (
+                [img.pixels for _, img in batch]
+                if spec.crop == "whole"
+                else [pixels for _, pixels, _ in crops]
+            )
+            inputs[m] = classifier_input(views, spec)
         timer.add("lung_crop", started)
 
         started = time.perf_counter()
-        member_probs = predict_members(x, [partial(self._predict, m) for m in s.members])
+        member_probs = predict_members(
+            [inputs[m] for m in s.members], [partial(self._predict, m) for m in s.members]
+        )
+        # The out-of-domain gate of every member that has one; an image's score is that
+        # of the gate it exceeds most (relative to the gate's threshold).
+        scores: dict[int, tuple[float, float]] = {}
+        for m, domain in self.domains.items():
+            pooled = self._predict(self._features_key(m), inputs[m])
+            threshold = domain.gate.threshold
+            for i, score in enumerate(map(float, domain.gate.score(pooled))):
+                if i not in scores or score / threshold > scores[i][0] / scores[i][1]:
+                    scores[i] = (score, threshold)
         meta = (lambda b: self._predict(s.stacking, b)) if s.strategy == "stacking" else None
         combined = combine(
             member_probs,
@@ -270,15 +376,22 @@ class CXRPipeline:
         started = time.perf_counter()
         assert self.gradcam is not None
         with self._model_lock:
-            cams = self.gradcam(x, self.classes.index(s.explain_class))
+            cams = self.gradcam(inputs[self.explainer], self.classes.index(s.explain_class))
         timer.add("gradcam", started)
 
         normal = self.classes.index(s.normal_class)
-        abnormal = [(1.0 - float(p[normal])) >= s.abnormal_threshold for p in combined]
+        outside = [i in scores and scores[i][0] > scores[i][1] for i in range(len(batch))]
+        abnormal = [
+            (1.0 - float(p[normal])) >= s.abnormal_threshold and not out
+            for p, out in zip(combined, outside, strict=True)
+        ]
 
         started = time.perf_counter()
         detector_maps: dict[int, np.ndarray] = {}
-        wanted = [a or not s.ensemble_gates_detector for a in abnormal]
+        wanted = [
+            (a or not s.ensemble_gates_detector) and not out
+            for a, out in zip(abnormal, outside, strict=True)
+        ]
         if s.detector and any(wanted):
             which = [i for i, a in enumerate(wanted) if a]
             det_in = detector_input([batch[i][1].pixels for i in which], self.specs[s.detector])
@@ -287,12 +400,14 @@ class CXRPipeline:
         results = []
         for i, ((instance, img), mask) in enumerate(zip(batch, masks, strict=True)):
             lung_box, _, lungs_found = crops[i]
+            probabilities = dict(zip(self.classes, map(float, combined[i]), strict=True))
+            whole = self.specs[self.explainer].crop == "whole"
             result = CXRImageResult(
                 sop_instance_uid=instance.sop_instance_uid,
                 sop_class_uid=instance.sop_class_uid,
                 rows=img.Rows,
                 columns=img.Columns,
-                probabilities=dict(zip(self.classes, map(float, combined[i]), strict=True)),
+                probabilities=probabilities,
                 member_probabilities={
                     m: dict(zip(self.classes, map(float, member_probs[k, i]), strict=True))
                     for k, m in enumerate(s.members)
@@ -308,6 +423,10 @@ class CXRPipeline:
                 source=None if img.header is None else SourceImage(img.header, img.pixels),
                 lung_mask=np.asarray(mask, bool),
                 opacity_map=detector_maps.get(i),
+                classified_box=Box(0, 0, img.Columns, img.Rows) if whole else None,
+                findings={} if outside[i] else self._findings(probabilities),
+                domain_score=scores[i][0] if i in scores else None,
+                domain_threshold=scores[i][1] if i in scores else None,
             )
             if i in detector_maps:
                 lungs = source_lungs(mask, img.Rows, img.Columns)

@@ -53,6 +53,7 @@ class InstanceInput:
     columns: int | None
     series_description: str | None = None
     view_evidence: str | None = None
+    study_description: str | None = None
     relative_path: str | None = None
     """The file's path relative to the data directory (how messages name it)."""
 
@@ -156,6 +157,10 @@ def _box_json(box: Box) -> dict[str, float | None]:
     }
 
 
+#: Code of an analysed image the out-of-domain gate flags (``status`` note, job summary).
+OUTSIDE_DOMAIN = "outside-validated-domain"
+
+
 @dataclass
 class CXRImageResult:
     """The analysis of one radiograph, in its own pixel coordinates."""
@@ -183,12 +188,34 @@ class CXRImageResult:
     """The lung model's boolean mask at its own resolution (the SEG's lung segment)."""
     opacity_map: np.ndarray | None = field(default=None, repr=False)
     """The detector's probability map at its output resolution, when it ran."""
+    classified_box: Box | None = None
+    """The region the classifiers and Grad-CAM saw when it is not ``lung_box``: the whole
+    image for a ``crop = "whole"`` model."""
+    findings: dict[str, bool] = field(default_factory=dict)
+    """Present (True) / Absent per class with an operating point (empty without them)."""
+    domain_score: float | None = None
+    """The out-of-domain gate's score (> ``domain_threshold``: outside), None without a gate."""
+    domain_threshold: float | None = None
+
+    @property
+    def outside_domain(self) -> bool:
+        """True when the gate says this image is unlike the images the model was validated on."""
+        return (
+            self.domain_score is not None
+            and self.domain_threshold is not None
+            and self.domain_score > self.domain_threshold
+        )
+
+    @property
+    def heatmap_box(self) -> Box:
+        """The region of the source image the heat map covers."""
+        return self.classified_box or self.lung_box
 
     def heatmap_in_source(self) -> np.ndarray:
-        """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""
+        """The heat map placed in a (rows, columns) float32 image, zero outside its region."""
         from dicomnode.inference.geometry import map_in_source  # OpenCV: workers only
 
-        return map_in_source(self.heatmap, self.lung_box, self.rows, self.columns)
+        return map_in_source(self.heatmap, self.heatmap_box, self.rows, self.columns)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready essentials (no heat map)."""
@@ -202,6 +229,9 @@ class CXRImageResult:
             "box_method": self.box_method,
             "explained_class": self.explained_class,
             "explained_by": self.explained_by,
+            "findings": dict(self.findings),
+            "domain_score": None if self.domain_score is None else round(self.domain_score, 4),
+            "outside_domain": self.outside_domain,
         }
 
 
@@ -217,11 +247,15 @@ class CXRStudyResult:
     timings: dict[str, float]
     classes: list[CodedClass] = field(default_factory=list)
     """The members' classes in output order, with their codes (for the SR)."""
+    operating_points: dict[str, float] = field(default_factory=dict)
+    """Calibrated probability at or above which each class is Present (the model's
+    documented operating points; empty when the configured models document none)."""
 
     def summary(self) -> dict[str, Any]:
         return {
             "pipeline": "cxr",
             "strategy": self.strategy,
+            "operating_points": dict(self.operating_points),
             "images": [i.summary() for i in self.images],
             "skipped": [s.__dict__ for s in self.skipped],
             "models": [m.__dict__ for m in self.models],
@@ -230,11 +264,23 @@ class CXRStudyResult:
 
     @property
     def note(self) -> str | None:
-        """For an analysed study, the images left out (coded counts), else None."""
-        if not self.images or not self.skipped:
+        """For an analysed study, the images left out (coded counts) and those outside the
+        validated domain (``outside-validated-domain``: no findings reported), else None."""
+        if not self.images:
             return None
-        codes = Counter(s.code for s in self.skipped)
-        return "cxr: skipped images: " + ", ".join(f"{n} {c}" for c, n in sorted(codes.items()))
+        parts = []
+        if self.skipped:
+            codes = Counter(s.code for s in self.skipped)
+            parts.append(
+                "skipped images: " + ", ".join(f"{n} {c}" for c, n in sorted(codes.items()))
+            )
+        outside = sum(1 for i in self.images if i.outside_domain)
+        if outside:
+            parts.append(
+                f"{outside} {OUTSIDE_DOMAIN} (image unlike the validated images; "
+                "no findings reported)"
+            )
+        return "cxr: " + "; ".join(parts) if parts else None
 
 
 def _xy(box: Box) -> tuple[float, float, float, float]:
@@ -262,6 +308,11 @@ class CTSliceResult:
     """No finding boxes on CT (the SC renderer draws none)."""
     source: SourceImage | None = field(default=None, repr=False)
     """The slice's header and its image in the classifier's window, for the encoders."""
+
+    @property
+    def heatmap_box(self) -> Box:
+        """The region of the source slice the heat map covers (the lung crop)."""
+        return self.lung_box
 
     def heatmap_in_source(self) -> np.ndarray:
         """The heat map placed in a (rows, columns) float32 image, zero outside the crop."""

@@ -66,3 +66,12 @@ CHEST = CodedConcept.from_code(codes.SCT.Chest)
 #: Concept name of a measurement's INFERRED FROM SCOORD (TID 300 row 10):
 #: DCM 111030 "Image Region".
 IMAGE_REGION = CodedConcept.from_code(codes.DCM.ImageRegion)
+
+#: Private coding scheme of the node's own concepts (PS3.16 8.2: a designator starting
+#: with "99" is private; the code is named in the SR's Coding Scheme Identification).
+PRIVATE_SCHEME = "99DICOMNODE"
+
+#: Qualitative evaluation (value SCT "Present") of an image the out-of-domain gate flags:
+#: it is unlike the images the model was validated on, so the report presents no findings
+#: for it. No standard concept says this; hence the node's private code.
+OUTSIDE_VALIDATED_DOMAIN = CodedConcept("OOD-1", PRIVATE_SCHEME, "Outside the validated domain")

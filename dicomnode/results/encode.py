@@ -90,6 +90,10 @@ def encode_cxr(
     if outputs.heatmap_sc:
         series_uid = result_uid(result.study_instance_uid, result.models, "sc-series")
         for number, (image, source) in enumerate(zip(result.images, sources, strict=True), 1):
+            if image.outside_domain:
+                # No heat map presented as the evidence of a finding the report does not
+                # make; the study's status note names the image's code.
+                continue
             sc = build_heatmap_sc(
                 image,
                 source.header,

@@ -4,7 +4,8 @@ The picture is the seed's: the heat map (in [0, 1], placed in source pixels by
 :meth:`~dicomnode.pipelines.cxr.CXRImageResult.heatmap_in_source`) is scaled to
 ``uint8(255 * heat)``, colour-mapped with OpenCV's JET map and blended as
 ``0.4 * colour + grey``, clipped to 0..255 and truncated to ``uint8``. The blend covers
-the lung crop (``lung_box``), where the heat map exists; outside it the image stays the
+the analysed region (``heatmap_box``: the lung crop, or the whole image for a
+whole-image model), where the heat map exists; outside it the image stays the
 plain grey image (JET's dark blue for "no heat" is not painted where there is no heat
 map at all). The opacity boxes are drawn in magenta (a colour JET does not use), and a
 black band at the top carries one burned-in line in yellow, e.g.
@@ -60,7 +61,7 @@ class HeatmapImage(Protocol):
     def columns(self) -> int: ...
 
     @property
-    def lung_box(self) -> Box: ...
+    def heatmap_box(self) -> Box: ...
 
     @property
     def boxes(self) -> list[Box]: ...
@@ -129,7 +130,7 @@ def render_overlay(
             f"[0, 1], got {explained_probability!r}"
         )
     out = np.repeat(pixels8[..., None], 3, axis=2)
-    box = image_result.lung_box
+    box = image_result.heatmap_box
     x0, y0 = round(box.x), round(box.y)
     x1, y1 = round(box.x + box.width), round(box.y + box.height)
     heat = np.clip(image_result.heatmap_in_source()[y0:y1, x0:x1], 0.0, 1.0)

@@ -15,11 +15,18 @@ a new series. The document (PS3.16 TID 1500):
      whole image), TID 4019 the lung-mask model; no measurements of its own;
   2. its class probabilities: TID 1501 groups with the region's Tracking Identifier and
      Tracking Unique Identifier, the first for the ensemble (TID 4019 names the ensemble:
-     the node's version; parameters: the strategy and every member with its version),
+     the node's version; parameters: the strategy, every member with its version, the
+     operating points and the out-of-domain score; when the models document operating
+     points, one qualitative evaluation per such class, named by the class, SCT "Present"
+     when its calibrated probability reaches its operating point, else SCT "Absent"),
      then one per ensemble member (the member model's name and version); each has one NUM
      per class of the manifests, named by the class's coded concept (``[[classes]]`` of the
      model manifests), value the probability, unit UCUM ``1``, INFERRED FROM the region
-     (TID 300 "Image Region");
+     (TID 300 "Image Region": the lung crop, or the whole image for a whole-image model).
+     An image the out-of-domain gate flags gets instead one group with the qualitative
+     evaluation "Outside the validated domain" (the node's private code, 99DICOMNODE,
+     named in the Coding Scheme Identification Sequence) = SCT "Present": no
+     probabilities are presented as findings and it has no boxes;
   3. each opacity box: a TID 1410 planar ROI, finding DCM 112033 "Abnormal opacity",
      finding site SCT 39607008 "Lung", TID 4019 the method that made it (the detector
      model, name and version, or ``Grad-CAM threshold`` with the explained class); then,
@@ -175,7 +182,7 @@ def build_sr(
             result, image, number, source, concepts, models, manufacturer, software_version
         )
 
-    return _document(
+    sr = _document(
         groups,
         procedure=codes.PLAIN_CHEST_XRAY,
         analysed=analysed,
@@ -192,6 +199,13 @@ def build_sr(
         institution_name=institution_name,
         institutional_department_name=institutional_department_name,
     )
+    if any(image.outside_domain for image in result.images):
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = codes.PRIVATE_SCHEME
+        scheme.CodingSchemeName = "dicomnode local codes"
+        scheme.CodingSchemeResponsibleOrganization = manufacturer
+        sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
 
 
 # --------------------------------------------------------------------------- checks
@@ -493,9 +507,10 @@ def _image_groups(
             geometric_purpose=codes.BOUNDED_BY,
         )
     )
-    # The class probabilities of that region: the ensemble's, then every member's.
-    analysed = _coordinates(image.lung_box, region_source)
+    # The region the classifiers saw: the lung crop, or the whole image for a whole-image model.
+    analysed = _coordinates(image.heatmap_box, region_source)
     ensemble_members = [m for m in used if m.task in _MODEL_TASKS_IN_ENSEMBLE]
+    points = result.operating_points
     ensemble = AlgorithmIdentification(
         name=ENSEMBLE_ALGORITHM,
         version=software_version,
@@ -503,18 +518,56 @@ def _image_groups(
         parameters=[
             f"strategy: {result.strategy}",
             *(f"{m.task}: {m.name} {m.version}" for m in ensemble_members),
+            *(f"operating point {name}: p >= {points[name]:.4f}" for name in sorted(points)),
+            *(
+                [
+                    f"out-of-domain score: {image.domain_score:.3f} (outside above "
+                    f"{image.domain_threshold:g})"
+                ]
+                if image.domain_score is not None and image.domain_threshold is not None
+                else []
+            ),
         ],
     )
-    probability_sets = [(ensemble, image.probabilities)]
+    if image.outside_domain:
+        # Unlike the images the model was validated on: no probabilities presented as
+        # findings, one coded Finding "Outside the validated domain" instead.
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=lung_tracking,
+                finding_type=region_finding,
+                algorithm_id=ensemble,
+                qualitative_evaluations=[
+                    QualitativeEvaluation(name=codes.OUTSIDE_VALIDATED_DOMAIN, value=codes.PRESENT)
+                ],
+                source_images=[source_image],
+            )
+        )
+        return groups
+    # The class probabilities of that region: the ensemble's (with each finding Present or
+    # Absent at its operating point), then every member's.
+    missing = sorted(set(image.findings) - set(concepts))
+    if missing:
+        raise ResultError(
+            f"image {sop_uid}: findings {missing} have no coded concept; "
+            f"coded classes: {sorted(concepts)}"
+        )
+    findings = [
+        QualitativeEvaluation(name=concepts[name], value=codes.PRESENT if present else codes.ABSENT)
+        for name, present in image.findings.items()
+    ]
+    probability_sets = [(ensemble, image.probabilities, findings)]
     for member, probabilities in image.member_probabilities.items():
-        probability_sets.append((_algorithm(_model(models, member, image)), probabilities))
-    for algorithm, probabilities in probability_sets:
+        algorithm = _algorithm(_model(models, member, image))
+        probability_sets.append((algorithm, probabilities, []))
+    for algorithm, probabilities, evaluations in probability_sets:
         groups.append(
             MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=lung_tracking,
                 finding_type=region_finding,
                 algorithm_id=algorithm,
                 measurements=_probabilities(probabilities, concepts, image, analysed),
+                qualitative_evaluations=evaluations or None,
                 source_images=[source_image],
             )
         )

@@ -2,7 +2,8 @@
 
 An image's *view* is how its grey pixels become the network's input: ``whole`` (the
 image resized) or ``lung`` (the node's lung crop, :func:`dicomnode.training.cxr_data.lung_crops`),
-then :func:`dicomnode.inference.cxr_domain.normalise_intensity` (``none`` or ``equalise``),
+then :func:`dicomnode.inference.cxr_domain.model_input` (the node's own step):
+:func:`~dicomnode.inference.cxr_domain.normalise_intensity` (``none`` or ``equalise``),
 resized (area) to ``size``, repeated on three channels and scaled by 1/255. Features are
 the pooled 1,280 backbone values of :func:`dicomnode.nets.mobilenet.mobilenetv2_classifier`
 with the ImageNet weights. They are cached per view, normalisation and size in
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomnode.inference.cxr_domain import normalise_intensity
-from dicomnode.training.data import read_grey, resize
+from dicomnode.inference.cxr_domain import model_input
+from dicomnode.training.data import read_grey
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,7 @@ SAVE_EVERY = 256
 VIEWS = ("whole", "lung")
 
 
-def model_input(grey: np.ndarray, size: int, normalise: str) -> np.ndarray:
-    """Grey ``uint8`` image (already cropped if wanted) -> ``(size, size, 3)`` float32 in [0, 1]."""
-    pixels = resize(normalise_intensity(grey, normalise), size)
-    return np.repeat(pixels.astype(np.float32)[..., None] / np.float32(255.0), 3, axis=-1)
+__all__ = ["features", "model_input", "views"]
 
 
 def views(paths: Sequence[Path], keys: Sequence[str], view: str) -> list[np.ndarray]:

@@ -196,8 +196,10 @@ def test_the_members_were_trained_on_the_nodes_lung_crops() -> None:
         assert training_table(MODELS / name / "manifest.toml").get("crop") == "lung", name
 
 
-def test_the_default_configuration_uses_the_recommended_strategy() -> None:
-    """config.toml's [cxr] is the node's default: it must run the ensemble the card measured."""
+def test_the_default_configuration_runs_the_multisource_model_alone() -> None:
+    """config.toml's [cxr] is the node's default: cxr-mobilenetv2 alone (issue 23), never
+    averaged with the seed members, which were trained on images of its validation and test
+    splits. A [cxr] table without a strategy still gets the seed ensemble's recommended one."""
     import tomllib
 
     from dicomnode.config import CXRSettings
@@ -205,13 +207,11 @@ def test_the_default_configuration_uses_the_recommended_strategy() -> None:
     config = tomllib.loads((MODELS.parent / "config.toml").read_text(encoding="utf-8"))["cxr"]
     recommended = _metrics(STACKING)["recommended_strategy"]
     assert CXRSettings().strategy == recommended, "a [cxr] table without strategy"
-    assert tuple(config["members"]) == MEMBERS
-    assert config["strategy"] == recommended, (
-        f"config.toml [cxr] strategy is {config['strategy']!r}; the ensemble card measured and "
-        f"recommends {recommended!r}"
-    )
-    if recommended == "stacking":
-        assert config["stacking"] == STACKING
+    assert config["members"] == ["cxr-mobilenetv2"]
+    assert not set(config["members"]) & set(MEMBERS)
+    assert config["strategy"] != "stacking"
+    assert config["explain_member"] == "cxr-mobilenetv2"
+    assert config["lung_mask"] == "cxr-lung-unet"
 
 
 def test_pruning_shrinks_a_member_by_a_fifth_at_no_real_cost(measured: dict[str, Any]) -> None:

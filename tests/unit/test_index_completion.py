@@ -292,3 +292,38 @@ def test_concurrent_completion_checks_complete_each_study_once(db: Database) -> 
         t.join(60)
     completed = [uid for batch in results for uid in batch]
     assert sorted(completed) == sorted(f"6.{i}" for i in range(20))
+
+
+def test_the_descriptions_reach_the_pipeline_and_route_a_dental_panoramic(
+    db: Database, tmp_path
+) -> None:
+    """StudyDescription and SeriesDescription are indexed and given to routing, which skips
+    a CR with no BodyPartExamined whose descriptions say TEETH."""
+    from dataclasses import replace
+
+    from dicomnode.config import RoutingSettings
+    from dicomnode.queue.jobs import ClaimedJob
+    from dicomnode.routing import NOT_CHEST, route_cxr
+    from dicomnode.storage import InstanceStore
+    from dicomnode.worker import load_study
+
+    meta = replace(
+        _meta("1.9", "1.9.1", "1.9.1.1", modality="CR"),
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.1",
+        BodyPartExamined=None,
+        ImageType=None,
+        StudyDescription="OPG TEETH",
+        SeriesDescription="Panoramic teeth",
+    )
+    record_instance(db, meta, _prov("1.9.1.1"), COMPLETION, utcnow())
+    with db.read() as s:
+        study_id = s.scalar(select(Study.id).where(Study.study_instance_uid == "1.9"))
+        assert s.scalar(select(Study.study_description)) == "OPG TEETH"
+    store = InstanceStore(tmp_path / "instances", tmp_path / "incoming", 0)
+    job = ClaimedJob(1, "analyse", int(study_id), "1.9", 1, 3, 0)
+    (instance,) = load_study(db, store, job).instances
+    assert instance.study_description == "OPG TEETH"
+    assert instance.series_description == "Panoramic teeth"
+    route = route_cxr([instance], RoutingSettings())
+    assert route.instances == () and route.skipped[0].code == NOT_CHEST
+    assert route.skipped[0].detail == "description says OPG"

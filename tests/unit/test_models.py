@@ -93,6 +93,7 @@ def test_keras_file_loads_through_its_manifest(tmp_path: Path) -> None:
     assert spec.class_names == ["bacterial", "covid19", "normal"]
     assert spec.classes[1].code_value == "840539006"
     assert spec.ensemble_weight == 0.5 and spec.gradcam_layer == "last_conv"
+    assert (spec.crop, spec.normalisation) == ("lung", "none")  # the defaults
     loaded = load_model(spec)
     x = np.random.default_rng(1).random((2, 16, 16, 3)).astype("float32")
     assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
@@ -116,6 +117,8 @@ def test_checksum_mismatch_is_a_clear_error(tmp_path: Path) -> None:
         (("channels = 3", "channels = 2"), "2"),
         (('device_uid = "1.2.826.0.1.3680043.10.1234.1"', 'device_uid = "x.y"'), "'x.y'"),
         (('format = "keras"', 'format = "onnx"'), "'onnx'"),
+        (("channels = 3", 'channels = 3\ncrop = "heart"'), "'heart'"),
+        (("channels = 3", 'channels = 3\nnormalisation = "clahe"'), "'clahe'"),
     ],
 )
 def test_manifest_mistakes_name_key_and_value(

@@ -512,6 +512,84 @@ def test_sr_without_lungs_reports_the_whole_image_as_the_analysed_region(case: C
     assert _probabilities(classification) == pytest.approx(image.probabilities, abs=1e-12)
 
 
+def _qualitative(group: hd.sr.ContentSequence) -> dict[str, str]:
+    """A group's qualitative evaluations: concept name code value -> value code value."""
+    return {str(e.name.value): str(e.value.value) for e in group.get_qualitative_evaluations()}
+
+
+def _texts(ds: Dataset) -> list[str]:
+    """Every TEXT value of a content tree (the algorithm parameters among them)."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            out.append(str(item.TextValue))
+        out += _texts(item)
+    return out
+
+
+def _ensemble_group(report: hd.sr.MeasurementReport, sop_uid: str) -> hd.sr.ContentSequence:
+    (group,) = [
+        g
+        for g in report.get_image_measurement_groups(referenced_sop_instance_uid=sop_uid)
+        if _algorithm(g) == ("dicomnode CXR ensemble", SOFTWARE)
+    ]
+    return group
+
+
+def test_sr_states_each_finding_present_or_absent_at_its_operating_point(
+    case: Case, tmp_path: Path
+) -> None:
+    points = {"covid19": 0.7, "bacterial": 0.2}
+    images = [
+        replace(i, findings={n: i.probabilities[n] >= p for n, p in points.items()})
+        for i in case.result.images
+    ]
+    sr = _build_sr(case, images=images, operating_points=points)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, output = dciodvfy(path)
+    assert errors == [], output
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    codes = {c.name: c.code_value for c in CLASSES}
+    for image in images:
+        group = _ensemble_group(report, image.sop_instance_uid)
+        expected = {
+            codes[n]: ("52101004" if image.probabilities[n] >= p else "2667000")
+            for n, p in points.items()
+        }
+        assert _qualitative(group) == expected
+        # The calibrated probability stays beside the decision.
+        assert _probabilities(group) == pytest.approx(image.probabilities, abs=1e-12)
+    text = _texts(sr)
+    assert "operating point covid19: p >= 0.7000" in text
+    assert "operating point bacterial: p >= 0.2000" in text
+
+
+def test_sr_says_outside_the_validated_domain_instead_of_findings(
+    case: Case, tmp_path: Path
+) -> None:
+    first, *rest = case.result.images
+    outside = replace(first, boxes=[], findings={}, domain_score=3.5, domain_threshold=1.0)
+    assert outside.outside_domain
+    sr = _build_sr(case, images=[outside, *rest], operating_points={"covid19": 0.4})
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, output = dciodvfy(path)
+    assert errors == [], output
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    group = _ensemble_group(report, outside.sop_instance_uid)
+    assert _qualitative(group) == {"OOD-1": "52101004"}
+    assert group.get_measurements() == []  # no probabilities presented as findings
+    groups = report.get_image_measurement_groups(
+        referenced_sop_instance_uid=outside.sop_instance_uid
+    )
+    assert len(groups) == 1  # nor the members' probabilities
+    assert "out-of-domain score: 3.500 (outside above 1)" in _texts(sr)
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99DICOMNODE"
+    for image in rest:  # the other images keep their probabilities
+        assert _probabilities(_ensemble_group(report, image.sop_instance_uid))
+
+
 def test_sr_identifies_every_model_and_contributing_equipment(sr_file: Path) -> None:
     sr, report = _read_report(sr_file)
     identified = set()

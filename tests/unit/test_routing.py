@@ -48,6 +48,20 @@ def _inst(uid: str, **tags: object) -> InstanceInput:
         ({"body_part_examined": "EXTREMITY", "view_position": "AP"}, NOT_CHEST),
         ({"modality": "MG"}, NOT_A_RADIOGRAPH),
         ({"view_position": "OBLIQUE"}, OTHER_VIEW),
+        # A dental panoramic CR with no BodyPartExamined says so only in its descriptions.
+        (
+            {
+                "body_part_examined": None,
+                "view_position": None,
+                "study_description": "OPG TEETH",
+                "series_description": "PANORAMIC TEETH",
+            },
+            NOT_CHEST,
+        ),
+        ({"body_part_examined": None, "study_description": "Dental (teeth)"}, NOT_CHEST),
+        # A chest word wins; a stated BodyPartExamined wins over the descriptions.
+        ({"body_part_examined": None, "study_description": "CHEST AND SPINE"}, None),
+        ({"study_description": "TEETH"}, None),
     ],
 )
 def test_instances_are_classified(tags: dict, code: str | None) -> None:
@@ -57,6 +71,23 @@ def test_instances_are_classified(tags: dict, code: str | None) -> None:
     else:
         assert route.instances == () and route.skipped[0].code == code
         assert code in (route.reason or "")
+
+
+def test_a_dental_panoramic_is_skipped_with_a_coded_reason() -> None:
+    route = route_cxr(
+        [
+            _inst(
+                "1.1",
+                body_part_examined=None,
+                view_position=None,
+                study_description="PANORAMIC",
+                series_description="TEETH",
+            )
+        ],
+        RULES,
+    )
+    assert route.instances == ()
+    assert route.reason == "no frontal chest radiograph: 1 not-chest (description says PANORAMIC)"
 
 
 def test_ct_in_a_study_is_not_a_radiograph() -> None:
@@ -87,6 +118,7 @@ def test_rules_come_from_config(tmp_path: Path) -> None:
             "routing": {
                 "chest_body_parts": ["chest", "ribs"],
                 "cxr_modalities": ["CR", "DX", "OT"],
+                "non_chest_words": ["cephalogram"],
             },
         },
         base_dir=tmp_path,
@@ -96,3 +128,9 @@ def test_rules_come_from_config(tmp_path: Path) -> None:
     assert route_cxr([_inst("1.1", body_part_examined="RIBS")], rules).instances
     assert route_cxr([_inst("1.1", modality="OT", sop_class_uid=SC)], rules).instances
     assert not route_cxr([_inst("1.1", body_part_examined="THORAX")], rules).instances
+    assert rules.non_chest_words == ("CEPHALOGRAM",)
+    ceph = _inst("1.1", body_part_examined=None, series_description="Cephalogram")
+    assert route_cxr([ceph], rules).skipped[0].code == NOT_CHEST
+    assert route_cxr(
+        [_inst("1.1", body_part_examined=None, study_description="TEETH")], rules
+    ).instances

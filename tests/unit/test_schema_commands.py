@@ -60,9 +60,9 @@ def test_commands_refuse_an_older_schema_and_leave_it_as_it_is(
     code = main([*command_args, "--config", str(config)])
     err = capsys.readouterr().err
     assert code == EXIT_ERROR
-    assert "schema revision 0002" in err and "needs 0003" in err
+    assert "schema revision 0002" in err and "needs 0004" in err
     assert "dicomnode db upgrade" in err
-    assert db.schema_revisions() == ({"0002"}, {"0003"})
+    assert db.schema_revisions() == ({"0002"}, {"0004"})
 
 
 def test_db_upgrade_migrates_then_status_works(
@@ -73,7 +73,7 @@ def test_db_upgrade_migrates_then_status_works(
     config = _config(tmp_path, db_url)
     assert main(["db", "upgrade", "--config", str(config)]) == EXIT_OK
     current, newest = db.schema_revisions()
-    assert current == newest == {"0003"}
+    assert current == newest == {"0004"}
     capsys.readouterr()
     assert main(["status", "--config", str(config)]) == EXIT_OK
     assert "no studies received yet" in capsys.readouterr().out

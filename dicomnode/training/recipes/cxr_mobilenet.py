@@ -37,6 +37,7 @@ import numpy as np
 
 from dicomnode.training import REPO_ROOT, Target, TrainingError, register
 from dicomnode.training.card import DataSource, ModelCard, markdown_table
+from dicomnode.training.metrics import wilson
 
 NAME = "cxr-mobilenetv2"
 VERSION = "1.0.0"
@@ -373,16 +374,6 @@ def _json(value: Any) -> Any:
 
 def _interval(bounds: tuple[float, float]) -> str:
     return f"{bounds[0]:.3f}-{bounds[1]:.3f}"
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion ``k / n``."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (float(centre - half), float(centre + half))
 
 
 def auc_interval(y: np.ndarray, score: np.ndarray, seed: int = 0) -> dict[str, float]:
