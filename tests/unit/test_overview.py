@@ -28,6 +28,7 @@ def test_the_chest_pipeline_lists_its_models_with_versions_and_cards(tmp_path: P
         "cxr-vgg19",
         "cxr-inceptionv3",
         "cxr-stacking",
+        "cxr-opacity-detector",
         "ct-densenet121",
     }
     assert all(m.has_card and m.problem is None and m.version for m in rows.values())
