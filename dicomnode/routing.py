@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dicomnode.config import CTSelectionSettings, RoutingSettings
-from dicomnode.pipelines.types import CTSelection, InstanceInput, SeriesSkipped, Skipped
+from dicomnode.pipelines.types import (
+    CTSelection,
+    InstanceInput,
+    SeriesSkipped,
+    Skipped,
+    summarise_skips,
+)
 from dicomnode.volume import CTSeries, SeriesError, SliceHeader, assemble
 
 #: Skip reason codes.
@@ -49,12 +54,7 @@ class Route:
             return None
         if not self.skipped:
             return "no instances"
-        counts = Counter(s.code for s in self.skipped)
-        examples: dict[str, str] = {}
-        for s in self.skipped:
-            examples.setdefault(s.code, s.detail)
-        parts = [f"{n} {code} ({examples[code]})" for code, n in sorted(counts.items())]
-        return "no frontal chest radiograph: " + "; ".join(parts)
+        return "no frontal chest radiograph: " + summarise_skips(self.skipped)
 
 
 def route_reason(skipped: Sequence[Skipped]) -> str:

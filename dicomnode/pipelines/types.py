@@ -14,6 +14,7 @@ a CT series from :mod:`dicomnode.volume`), which import none of those either.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -88,6 +89,15 @@ class SeriesSkipped:
     instances: int
 
 
+def summarise_skips(skipped: Sequence[Skipped | SeriesSkipped]) -> str:
+    """What was left out, by code: ``"<count> <code> (<first detail>); ..."``."""
+    counts = Counter(s.code for s in skipped)
+    examples: dict[str, str] = {}
+    for s in skipped:
+        examples.setdefault(s.code, s.detail)
+    return "; ".join(f"{n} {code} ({examples[code]})" for code, n in sorted(counts.items()))
+
+
 @dataclass(frozen=True)
 class CTSelection:
     """The series chosen for analysis (if any), why, and every other series with its reason."""
@@ -103,12 +113,7 @@ class CTSelection:
             return None
         if not self.skipped:
             return "no axial chest CT series: no CT instances"
-        counts = Counter(s.code for s in self.skipped)
-        examples: dict[str, str] = {}
-        for s in self.skipped:
-            examples.setdefault(s.code, s.detail)
-        parts = [f"{n} {code} ({examples[code]})" for code, n in sorted(counts.items())]
-        return "no axial chest CT series: " + "; ".join(parts)
+        return "no axial chest CT series: " + summarise_skips(self.skipped)
 
     def summary(self) -> dict[str, object]:
         """JSON-ready: the chosen series and every skipped one (coded)."""
