@@ -14,6 +14,8 @@ import pytest
 import support
 from support import PostgresServer, pg_bin_dir
 
+from dicomnode.db import Database
+
 # TensorFlow's start-up chatter (no GPU here, oneDNN notes) is noise in test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -46,6 +48,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'index.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.create_database()
+
+
+@pytest.fixture
+def db(db_url: str) -> Database:
+    """A migrated empty index and queue database on each backend (``db_url``)."""
+    database = Database(db_url)
+    database.migrate()
+    return database
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fast_path", "stock_path"])

@@ -42,11 +42,10 @@ def _prov(sop: str) -> Provenance:
 
 
 @pytest.fixture
-def db(db_url: str) -> Database:
-    database = Database(db_url)
-    database.migrate()
-    database.migrate()  # idempotent
-    return database
+def db(db: Database) -> Database:
+    """The migrated database, migrated once more: migrations are idempotent."""
+    db.migrate()
+    return db
 
 
 def test_record_instances_and_duplicates(db: Database) -> None:

@@ -51,13 +51,6 @@ QUEUE = QueueSettings(max_attempts=3, retry_backoff_s=10, stalled_after_s=30)
 COMPLETION = CompletionSettings(quiet_period_s={"default": 1.0}, force_complete_s=60.0)
 
 
-@pytest.fixture
-def db(db_url: str) -> Database:
-    database = Database(db_url)
-    database.migrate()
-    return database
-
-
 def _complete_studies(
     db: Database, n: int, modality: str = "CR", prefix: str = "9", queue: QueueSettings = QUEUE
 ) -> list[str]:

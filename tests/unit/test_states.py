@@ -51,13 +51,6 @@ from dicomnode.worker import Worker
 POLICY = RetryPolicy(10, 3600)
 
 
-@pytest.fixture
-def db(db_url: str) -> Database:
-    database = Database(db_url)
-    database.migrate()
-    return database
-
-
 def _job(db: Database) -> Job:
     with db.read() as s:
         return s.scalars(select(Job).order_by(Job.id.desc())).first()  # type: ignore[return-value]
