@@ -16,7 +16,6 @@ _FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 #: Loggers that get one of the filters below.
 _FILTERED = (
-    "tensorflow",
     "apscheduler.scheduler",
     "py.warnings",
     "pydicom",
@@ -27,18 +26,6 @@ _FILTERED = (
 
 class _NodeFilter(logging.Filter):
     """Base of the node's filters, so that a new set-up replaces those of the last one."""
-
-
-class _ExpectedRetracing(_NodeFilter):
-    """Drop TensorFlow's "triggered tf.function retracing" warning.
-
-    Keras builds one predict function per model, so warming up the five or six models of
-    a pipeline traces once per model: expected, not the repeated tracing the warning is
-    about. It would otherwise alarm admins at every start.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "triggered tf.function retracing" not in record.getMessage()
 
 
 class _BusyTick(_NodeFilter):
@@ -124,7 +111,6 @@ def configure_logging(level: str = "INFO") -> None:
     for library in ("py.warnings", "pydicom"):
         logging.getLogger(library).addFilter(_QuotedValue())
     if level != "DEBUG":
-        logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
         logging.getLogger("apscheduler.scheduler").addFilter(_BusyTick())
         for name in ("pynetdicom.transport", "pynetdicom.acse"):
             logging.getLogger(name).addFilter(_OwnOutcome())

@@ -30,26 +30,26 @@ def _restore_logging() -> object:
     logging.captureWarnings(False)
 
 
-def test_expected_retracing_warning_is_dropped_other_tf_warnings_kept(
+def test_library_info_is_quiet_tensorflow_warnings_kept(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """A TensorFlow warning (re-tracing included: the pipelines trace once per model, see
+    test_cxr_pipeline) reaches the log; pynetdicom's INFO chatter does not."""
     configure_logging("INFO")
     tf = logging.getLogger("tensorflow")
     tf.warning("5 out of the last 5 calls to <function f> triggered tf.function retracing.")
-    tf.warning("something else went wrong")
     logging.getLogger("pynetdicom").info("association accepted")
     err = capsys.readouterr().err
-    assert "retracing" not in err
-    assert "WARNING" in err and "tensorflow: something else went wrong" in err
+    assert "WARNING" in err and "triggered tf.function retracing" in err
     assert "association accepted" not in err
 
 
 def test_debug_keeps_everything(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("DEBUG")
-    logging.getLogger("tensorflow").warning("calls triggered tf.function retracing")
     logging.getLogger("pynetdicom").debug("pdu bytes")
+    logging.getLogger("highdicom").debug("building the content tree")
     err = capsys.readouterr().err
-    assert "retracing" in err and "pdu bytes" in err
+    assert "pdu bytes" in err and "building the content tree" in err
 
 
 def test_a_skipped_busy_completion_tick_is_not_a_warning(
